@@ -1,0 +1,1 @@
+"""ViXML on Ray."""

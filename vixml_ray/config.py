@@ -1,0 +1,361 @@
+"""The one typed configuration schema of every vixml-ray job.
+
+Presets are YAML files (``jobs/configs/*.yaml``) merged onto the schema's defaults; dotted ``key=value`` overrides
+from the command line are merged last. OmegaConf does the merging and type checking; this module adds the checks a
+type cannot express (choices, ranges) and turns every failure into a :class:`ConfigError` that names the key, the bad
+value and, for a typo, the closest valid key.
+
+A preset may name a base preset with ``extends: other.yaml`` (relative to the preset's folder); the base is loaded
+first and the preset merged onto it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file, override or value is invalid; the message names the key."""
+
+
+def choice(default: Any, *choices: Any, help: str = "") -> Any:
+    """A field whose value must be one of ``choices`` (checked by :func:`validate`)."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, help: str = "") -> Any:
+    """A numeric field that must lie in ``[low, high]`` (checked by :func:`validate`)."""
+    return field(default=default, metadata={"low": low, "high": high, "help": help})
+
+
+# --------------------------------------------------------------------------------------------------------- sections
+@dataclass
+class SyntheticConfig:
+    """The synthetic multimodal generator: labels are (topic, attribute) pairs; texts name only the topic, images
+    show only the attribute (a colour and a shape), so text-only retrieval is capped near 1/num_attributes."""
+
+    num_topics: int = bounded(40, 1)
+    num_attributes: int = bounded(4, 1)
+    num_train: int = bounded(2000, 1)
+    num_test: int = bounded(400, 1)
+    labels_per_item: int = bounded(1, 1)
+    image_size: int = bounded(32, 8)
+    missing_image_prob: float = bounded(0.1, 0.0, 1.0)
+    max_images: int = bounded(3, 0, 3)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Optional[str] = None  # raw Extreme Classification Repository folder (trn/tst/lbl.json.gz)
+    dataset: Optional[str] = None  # prepared dataset directory (local path or pyarrow.fs URI)
+    text_fields: list[str] = field(default_factory=lambda: ["title"])  # ["title"] or ["title", "content"]
+    text_separator: str = " "
+    filters: str = choice("auto", "auto", "none", "file", "self_reciprocal",
+                          help="auto: filter_labels_test.txt when present, else none")
+    validation_fraction: float = bounded(0.05, 0.0, 0.5)  # carved from TRAIN for per-epoch validation
+    max_validation: int = bounded(2000, 0)
+    write_batch_rows: int = bounded(65536, 1)  # rows per streamed parquet batch in prepare_data
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class VisionConfig:
+    backend: str = choice("open_clip", "open_clip", "hf_siglip")
+    model_name: str = "ViT-B-16-SigLIP2"  # open_clip architecture name or HF model id
+    weights: Optional[str] = None  # local file/dir or hub id; None = random init (tests only)
+    model_config: Optional[dict[str, Any]] = None  # custom tower config (tiny test towers)
+    image_size: Optional[int] = None  # None = the backend's own preprocessing size
+    dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16", help="auto: bf16 on GPU, fp32 on CPU")
+    cache_dtype: str = choice("float16", "float16", "float32")
+    batch_size: int = bounded(64, 1)
+    num_gpus_per_actor: float = bounded(0.0, 0.0)
+    num_cpus_per_actor: float = bounded(1.0, 0.0)
+    min_actors: int = bounded(1, 1)
+    max_actors: int = bounded(1, 1)
+    decode_num_cpus: float = bounded(1.0, 0.0)
+    rows_per_shard: int = bounded(4096, 1)
+    http_timeout_s: float = bounded(20.0, 0.1)
+    http_retries: int = bounded(3, 0)
+    http_per_host_limit: int = bounded(8, 1)
+    download_cache: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = bounded(16, 1)
+    alpha: float = bounded(16.0, 0.0)
+    use_rslora: bool = True
+    dropout: float = bounded(0.0, 0.0, 1.0)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    kind: str = choice("auto", "auto", "encoder", "decoder")
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    attn_implementation: Optional[str] = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' default
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    pooling: str = choice("mean", "mean", "last")
+    max_length: int = bounded(32, 4)
+    use_images: bool = False
+    num_images: int = bounded(3, 0, 3)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class PromptConfig:
+    """Decoder input sequence as a list of parts (the paper's prompt ablation): T1, T2, I1, I2 are the strings below,
+    E the item text, V the image tokens, EOS the tokenizer's end-of-text token. Encoders ignore it (V, then [CLS]
+    text [SEP])."""
+
+    sequence: list[str] = field(default_factory=lambda: ["T1", "E", "I2", "V", "EOS"])
+    t1: str = "This product text"
+    t2: str = "and its text"
+    i1: str = "This product image"
+    i2: str = "and its image"
+
+
+@dataclass
+class ClusterConfig:
+    """Clustered hard-negative batching schedule (NGAME): random batches before ``start_epoch``."""
+
+    start_epoch: int = bounded(4, 0)
+    refresh_every: int = bounded(2, 1)
+    initial_size: int = bounded(16, 1)
+    double_at: list[int] = field(default_factory=lambda: [8, 12, 16, 20, 24])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = bounded(10, 1)
+    batch_size: int = bounded(256, 2)  # the GLOBAL batch (all workers together)
+    max_steps: Optional[int] = None  # stop after this many optimiser steps (tests, benches)
+    lr_backbone: float = bounded(5e-5, 0.0)
+    lr_projection: float = bounded(5e-4, 0.0)
+    weight_decay: float = bounded(0.01, 0.0)
+    adam_eps: float = bounded(1e-6, 0.0)
+    warmup_steps: int = bounded(100, 0)
+    clip_grad_norm: float = bounded(1.0, 0.0)
+    num_negatives: int = bounded(10, 1)
+    margin_min: float = bounded(0.1, 0.0)
+    margin_max: float = bounded(0.3, 0.0)
+    softmax_weighting: bool = False
+    softmax_temperature: float = bounded(0.1, 1e-6)
+    label_to_query: bool = False
+    propensity_sampling: bool = False
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: str = choice("ddp", "ddp", "deepspeed")
+    zero_stage: int = choice(2, 2, 3)
+    offload_optimizer: bool = False
+    num_workers: int = bounded(1, 0)
+    use_gpu: bool = False
+    cpus_per_worker: float = bounded(1.0, 0.0)
+    checkpoint_every_epochs: int = bounded(1, 1)
+    eval_every_epochs: int = bounded(1, 1)
+    max_failures: int = bounded(0, -1)
+    num_to_keep: int = bounded(2, 1)
+    seed: int = 0
+
+
+@dataclass
+class IndexConfig:
+    num_shards: int = bounded(2, 1)
+    kind: str = choice("flat", "flat", "hnsw", "ivf")
+    hnsw_m: int = bounded(32, 2)
+    hnsw_ef_search: int = bounded(256, 1)
+    hnsw_ef_construction: int = bounded(200, 1)
+    ivf_nlist: int = bounded(1024, 1)
+    ivf_nprobe: int = bounded(32, 1)
+    use_gpu: bool = False
+    cpus_per_shard: float = bounded(1.0, 0.0)
+    max_restarts: int = bounded(3, -1)
+
+
+@dataclass
+class EvalConfig:
+    k: int = bounded(5, 1)
+    topk: int = bounded(100, 1)
+    propensity_a: float = 0.55  # Amazon 0.6/2.6, Wikipedia 0.5/0.4, otherwise 0.55/1.5
+    propensity_b: float = 1.5
+    batch_size: int = bounded(256, 1)
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else a private local Ray on 127.0.0.1
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    object_store_memory: Optional[int] = None
+    storage_path: Optional[str] = None  # Ray Train/Tune storage (shared storage URI on a cluster)
+
+
+@dataclass
+class Config:
+    out_dir: str = "outputs"
+    cache_dir: str = ".cache/vixml"
+    data: DataConfig = field(default_factory=DataConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+PROMPT_PARTS = ("T1", "T2", "I1", "I2", "E", "V", "EOS")
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            full = f"{prefix}{f.name}"
+            keys.append(full)
+            keys.extend(_valid_keys(getattr(node, f.name), full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError) and key:
+        close = difflib.get_close_matches(key, _valid_keys(Config()), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    return ConfigError(f"{where}: invalid value for '{key}': {msg.splitlines()[0]}")
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors carry the line in their message
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping at the top level")
+    base = node.pop("extends", None)
+    if base is None:
+        return node
+    base_path = (path.parent / str(base)).resolve()
+    return OmegaConf.merge(_load_yaml(base_path, seen + (path,)), node)
+
+
+def resolve_preset(name: str | Path) -> Path:
+    """A config path as given, or a preset name from ``jobs/configs`` (with or without ``.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (PRESET_DIR / path, PRESET_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {name} (presets: {', '.join(presets)})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- preset file (with ``extends``) <- dotted ``key=value`` overrides; validated."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        preset = resolve_preset(path)
+        try:
+            merged = OmegaConf.merge(merged, _load_yaml(preset.resolve()))
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(preset)) from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=3)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from err
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "config") from err
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def validate(cfg: Config) -> None:
+    """Checks choices and ranges declared on the schema's fields, and the cross-field rules."""
+    _check_fields(cfg, "")
+    for part in cfg.prompt.sequence:
+        if part not in PROMPT_PARTS:
+            raise ConfigError(f"invalid value for 'prompt.sequence': unknown part '{part}' (parts: {PROMPT_PARTS})")
+    if "E" not in cfg.prompt.sequence:
+        raise ConfigError("invalid value for 'prompt.sequence': it must contain the text part 'E'")
+    for name in cfg.data.text_fields:
+        if name not in ("title", "content"):
+            raise ConfigError(f"invalid value for 'data.text_fields': '{name}' (fields: title, content)")
+    if cfg.train.margin_min > cfg.train.margin_max:
+        raise ConfigError("invalid values: 'train.margin_min' must not exceed 'train.margin_max'")
+    if cfg.train.engine == "deepspeed" and cfg.train.num_workers == 0:
+        raise ConfigError("invalid value for 'train.num_workers': DeepSpeed needs at least one Ray Train worker")
+    if cfg.vision.min_actors > cfg.vision.max_actors:
+        raise ConfigError("invalid values: 'vision.min_actors' must not exceed 'vision.max_actors'")
+
+
+def _check_fields(node: Any, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (choices: {', '.join(map(str, choices))})")
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if value is not None and low is not None and value < low:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (must be >= {low})")
+        if value is not None and high is not None and value > high:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (must be <= {high})")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what every job saves next to its outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML (``path`` may be a local path or a pyarrow.fs URI)."""
+    from vixml_ray.storage import write_text
+
+    write_text(str(path), to_yaml(cfg))
+
+
+T = TypeVar("T")
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """A copy of a config (section) with dotted-path changes, e.g. ``replace(cfg, **{"train.epochs": 2})``,
+    re-validated when ``cfg`` is a whole :class:`Config`."""
+    node = OmegaConf.structured(cfg)
+    for key, value in changes.items():
+        try:
+            OmegaConf.update(node, key, value, merge=True)
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"change '{key}'") from err
+    out = OmegaConf.to_object(node)
+    if isinstance(out, Config):
+        validate(out)
+    return out  # type: ignore[return-value]
