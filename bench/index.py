@@ -1,0 +1,221 @@
+"""The sharded label index against one in-process FAISS IndexFlatIP, and HNSW / IVF against exact search.
+
+Data (fixed, documented generator): label and query vectors are drawn from one mixture of 1,000 Gaussian centres in
+``dim`` dimensions. Centres ~ N(0, I) normalised to unit length (seed 0); a vector = a uniformly chosen centre +
+``spread`` * N(0, I) / sqrt(dim) (spread 0.5: the noise has norm ~0.5 against the unit centre), then L2-normalised.
+Labels use seed 1, queries seed 2. The worst case for approximate search, ``isotropic``: N(0, I) normalised.
+
+For each dim (64 and 384) on the clustered labels, in the same run and on the same query batches:
+  * exact: ``ShardedIndex`` (kind=flat, S shards on Ray actors, CPUs split evenly) against one in-process
+    IndexFlatIP using all cores: top-k ids identical up to float ties (scores within 1e-6), QPS ratio sharded/single;
+  * approximate: sharded HNSW and IVF, recall@k against the exact sharded result and QPS ratio to it; per-shard
+    build seconds and memory (resident set and vector bytes). ``--ann-isotropic-dims`` repeats them on isotropic
+    vectors (their exact ground truth from the sharded flat index).
+
+Full run: 1M labels, 10k queries, k=100, S=4 (about 25 min on an idle 2-core machine, mostly HNSW builds).
+``--quick``: 30k labels, 1k queries, 64-d only (< 1 min). The last line printed is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+
+from vixml_ray.config import IndexConfig
+from vixml_ray.index import ShardedIndex, VersionWriter
+from vixml_ray.ray_utils import init_ray
+
+NUM_CENTRES = 1000
+SCORE_TOL = 1e-6
+
+
+def mixture(n: int, dim: int, seed: int, spread: float, isotropic: bool = False, chunk: int = 1 << 17) -> np.ndarray:
+    """``n`` unit vectors from the documented mixture (or isotropic), generated in chunks (float32 throughout)."""
+    centres = np.random.default_rng(0).standard_normal((NUM_CENTRES, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        block = rng.standard_normal((m, dim), dtype=np.float32)
+        if not isotropic:
+            block = centres[rng.integers(0, NUM_CENTRES, m)] + block * (spread / np.sqrt(dim))
+        out[lo:lo + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def write_labels(index_dir: str, labels: np.ndarray, parts: int = 8) -> float:
+    start = time.perf_counter()
+    writer = VersionWriter(index_dir)
+    path = writer.new_version()
+    for shard_id, rows in enumerate(np.array_split(np.arange(len(labels)), parts)):
+        writer.write_shard(path, shard_id, rows, labels[rows])
+    writer.commit(path, {"generator": "bench/index.py"})
+    return time.perf_counter() - start
+
+
+def run_batches(searches: dict[str, Any], queries: np.ndarray, k: int, batch: int) -> dict[str, tuple]:
+    """Runs every search function over ``queries`` in batches, interleaved batch by batch (so that load from
+    other processes on a shared machine hits all of them alike); returns name -> (scores, ids, queries per
+    second). One warm-up batch per function is not timed."""
+    for search in searches.values():
+        search(queries[:batch], k)
+    seconds = dict.fromkeys(searches, 0.0)
+    parts: dict[str, list] = {name: [] for name in searches}
+    for lo in range(0, len(queries), batch):
+        for name, search in searches.items():
+            start = time.perf_counter()
+            parts[name].append(search(queries[lo:lo + batch], k))
+            seconds[name] += time.perf_counter() - start
+    return {name: (np.concatenate([p[0] for p in parts[name]]), np.concatenate([p[1] for p in parts[name]]),
+                   len(queries) / seconds[name]) for name in searches}
+
+
+def compare_exact(scores: np.ndarray, ids: np.ndarray, ref_scores: np.ndarray, ref_ids: np.ndarray) -> dict:
+    """Identical up to float ties: scores match within 1e-6 and ids differ only where the reference's score is tied
+    (within 1e-6) with a neighbouring rank, or at the last rank (its tie partner may lie beyond k)."""
+    close = np.abs(scores - ref_scores) <= SCORE_TOL
+    tied = np.zeros(ref_scores.shape, dtype=bool)
+    near = np.abs(np.diff(ref_scores, axis=1)) <= SCORE_TOL
+    tied[:, 1:] |= near
+    tied[:, :-1] |= near
+    tied[:, -1] = True
+    differ = ids != ref_ids
+    return {
+        "identical": bool(close.all() and (~differ | tied).all()),
+        "id_mismatches": int(differ.sum()),
+        "max_score_diff": float(np.abs(scores - ref_scores).max()),
+    }
+
+
+def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    hits = sum(len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(ids, truth))
+    return hits / (k * len(truth))
+
+
+def shard_stats(index: ShardedIndex) -> dict[str, float]:
+    info = index.info()
+    return {
+        "build_s_max": round(max(s["build_s"] + s["load_s"] for s in info), 2),
+        "rss_mb_max": round(max(s["rss_bytes"] for s in info) / 2**20, 1),
+        "vector_mb_max": round(max(s["vector_bytes"] for s in info) / 2**20, 1),
+    }
+
+
+def bench_dim(args: argparse.Namespace, cfg: IndexConfig, dim: int, workdir: str, isotropic: bool,
+              with_single: bool, ann: bool) -> dict[str, Any]:
+    kind = "isotropic" if isotropic else "clustered"
+    labels = mixture(args.labels, dim, 1, args.spread, isotropic)
+    queries = mixture(args.queries, dim, 2, args.spread, isotropic)
+    index_dir = os.path.join(workdir, f"{kind}-{dim}")
+    out: dict[str, Any] = {"write_s": round(write_labels(index_dir, labels), 2)}
+    print(f"[{kind} {dim}-d] {args.labels} labels written in {out['write_s']} s", flush=True)
+
+    searches: dict[str, Any] = {}
+    if with_single:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        single = faiss.IndexFlatIP(dim)
+        single.add(labels)
+        searches["single"] = single.search
+    del labels
+    start = time.perf_counter()
+    with ShardedIndex(index_dir, dataclasses.replace(cfg, kind="flat")) as index:
+        out["flat"] = {"start_s": round(time.perf_counter() - start, 2), **shard_stats(index)}
+        searches["sharded"] = lambda q, k: index.search(q, k)[:2]
+        runs = run_batches(searches, queries, args.k, args.batch)
+    scores, ids, qps = runs["sharded"]
+    out["flat"]["qps"] = round(qps, 1)
+    if with_single:
+        ref_scores, ref_ids, single_qps = runs["single"]
+        out["flat"].update(single_qps=round(single_qps, 1), ratio=round(qps / single_qps, 3),
+                           **compare_exact(scores, ids, ref_scores, ref_ids))
+        del single, searches
+    print(f"[{kind} {dim}-d] exact: {out['flat']}", flush=True)
+
+    for ann_kind in args.ann_kinds if ann else ():
+        start = time.perf_counter()
+        with ShardedIndex(index_dir, dataclasses.replace(cfg, kind=ann_kind)) as index:
+            stats = {"start_s": round(time.perf_counter() - start, 2), **shard_stats(index)}
+            _, ann_ids, ann_qps = run_batches({ann_kind: lambda q, k: index.search(q, k)[:2]}, queries, args.k,
+                                              args.batch)[ann_kind]
+        out[ann_kind] = {**stats, "qps": round(ann_qps, 1), "speedup": round(ann_qps / qps, 2),
+                         "recall": round(recall(ann_ids, ids), 4)}
+        print(f"[{kind} {dim}-d] {ann_kind}: {out[ann_kind]}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="30k labels, 1k queries, 64-d only")
+    parser.add_argument("--labels", type=int, default=None)
+    parser.add_argument("--queries", type=int, default=None)
+    parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument("--ann-kinds", nargs="*", default=["hnsw", "ivf"], choices=["hnsw", "ivf"])
+    parser.add_argument("--ann-isotropic-dims", type=int, nargs="*", default=None,
+                        help="dims on which HNSW/IVF are also measured on isotropic vectors (default: 64)")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--spread", type=float, default=0.5)
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--hnsw-ef-construction", type=int, default=100)
+    parser.add_argument("--hnsw-ef-search", type=int, default=256)
+    parser.add_argument("--ivf-nlist", type=int, default=1024)
+    parser.add_argument("--ivf-nprobe", type=int, default=32)
+    parser.add_argument("--workdir", default=None, help="where label versions are written (default: a temp dir)")
+    args = parser.parse_args()
+    args.labels = args.labels or (30_000 if args.quick else 1_000_000)
+    args.queries = args.queries or (1_000 if args.quick else 10_000)
+    args.dims = args.dims or ([64] if args.quick else [64, 384])
+    iso_dims = [64] if args.ann_isotropic_dims is None else args.ann_isotropic_dims
+    args.batch = min(args.batch, args.queries)
+
+    cpus = os.cpu_count() or 1
+    init_ray(num_cpus=cpus, local_only=True)
+    cfg = IndexConfig(num_shards=args.shards, cpus_per_shard=cpus / args.shards, hnsw_m=args.hnsw_m,
+                      hnsw_ef_construction=args.hnsw_ef_construction, hnsw_ef_search=args.hnsw_ef_search,
+                      ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        for dim in args.dims:
+            results[f"clustered/{dim}"] = bench_dim(args, cfg, dim, workdir, False, True, True)
+        for dim in iso_dims:
+            results[f"isotropic/{dim}"] = bench_dim(args, cfg, dim, workdir, True, False, True)
+
+    exact = [r["flat"] for key, r in results.items() if key.startswith("clustered/")]
+    ann = {f"{kind}/{key}": r[kind] for key, r in results.items() for kind in ("hnsw", "ivf") if kind in r}
+    print(json.dumps({
+        "bench": "index",
+        "labels": args.labels,
+        "queries": args.queries,
+        "k": args.k,
+        "shards": args.shards,
+        "cpus": cpus,
+        "identical": all(r["identical"] for r in exact),
+        "ratio": min(r["ratio"] for r in exact),
+        "ratio_by_dim": {key: r["flat"]["ratio"] for key, r in results.items() if "ratio" in r["flat"]},
+        "recall": {key: r["recall"] for key, r in ann.items()},
+        "ann_speedup": {key: r["speedup"] for key, r in ann.items()},
+        "build_s_per_shard": {f"{kind}/{key}": r[kind]["build_s_max"] for key, r in results.items()
+                              for kind in ("flat", "hnsw", "ivf") if kind in r},
+        "rss_mb_per_shard": {f"{kind}/{key}": r[kind]["rss_mb_max"] for key, r in results.items()
+                             for kind in ("flat", "hnsw", "ivf") if kind in r},
+        "params": {"hnsw_m": args.hnsw_m, "hnsw_ef_construction": args.hnsw_ef_construction,
+                   "hnsw_ef_search": args.hnsw_ef_search, "ivf_nlist": args.ivf_nlist,
+                   "ivf_nprobe": args.ivf_nprobe, "spread": args.spread},
+        "seconds": round(time.perf_counter() - started, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""pyxclib-exact XMC metrics and prediction filtering, against hand-computed values and a per-row reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from vixml_ray.eval.metrics import filter_predictions, inverse_propensity, xmc_metrics
+
+
+def _csr(rows: list[list[int]], num_labels: int) -> sp.csr_matrix:
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    indices = np.array([label for r in rows for label in r], dtype=np.int32)
+    return sp.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(len(rows), num_labels))
+
+
+def _reference(topk: np.ndarray, truth: list[set[int]], k: int, w: np.ndarray) -> dict[str, np.ndarray]:
+    """A straightforward per-row transcription of pyxclib's definitions."""
+    n = len(truth)
+    sums = {name: np.zeros(k) for name in ("P", "nDCG", "R", "psp_num", "psp_den", "psn_num", "psn_den")}
+    for i in range(n):
+        best = sorted((w[label] for label in truth[i]), reverse=True)
+        for j in range(1, k + 1):
+            hits = [1.0 if label in truth[i] else 0.0 for label in topk[i, :j]]
+            gains = [w[label] if label in truth[i] else 0.0 for label in topk[i, :j]]
+            ideal = sum(1 / math.log2(r + 2) for r in range(min(j, len(truth[i])))) or 1.0
+            sums["P"][j - 1] += sum(hits) / j
+            sums["R"][j - 1] += sum(hits) / max(len(truth[i]), 1)
+            sums["nDCG"][j - 1] += sum(h / math.log2(r + 2) for r, h in enumerate(hits)) / ideal
+            sums["psp_num"][j - 1] += sum(gains) / j
+            sums["psp_den"][j - 1] += sum(best[:j]) / j
+            sums["psn_num"][j - 1] += sum(g / math.log2(r + 2) for r, g in enumerate(gains)) / ideal
+            sums["psn_den"][j - 1] += sum(g / math.log2(r + 2) for r, g in enumerate(best[:j])) / ideal
+    return {
+        "P": sums["P"] / n,
+        "nDCG": sums["nDCG"] / n,
+        "R": sums["R"] / n,
+        "PSP": sums["psp_num"] / sums["psp_den"],
+        "PSnDCG": sums["psn_num"] / sums["psn_den"],
+    }
+
+
+def test_worked_example_precision_and_psp():
+    # truth {1..6}; inverse propensities 4,5,6,1,2,3 for labels 1..6 (label 0 unused); prediction (4, 5, 6)
+    truth = _csr([[1, 2, 3, 4, 5, 6]], 7)
+    w = np.array([1.0, 4, 5, 6, 1, 2, 3])
+    out = xmc_metrics(np.array([[4, 5, 6]]), truth, k=3, inv_propensity=w)
+    assert out["P"][2] == pytest.approx(1.0)
+    assert out["PSP"][2] == pytest.approx(0.4)  # (1+2+3) / (6+5+4)
+    assert out["R"][2] == pytest.approx(0.5)
+    assert out["nDCG"][2] == pytest.approx(1.0)
+    assert set(out) == {"P", "nDCG", "R", "PSP", "PSnDCG"}
+    assert all(v.shape == (3,) for v in out.values())
+
+
+def test_rows_without_labels_count_and_k_beyond_label_count():
+    truth = _csr([[0], []], 3)
+    out = xmc_metrics(np.array([[0, 1, 2], [0, 1, 2]]), truth, k=3)
+    np.testing.assert_allclose(out["P"], [0.5, 0.25, 1 / 6])  # row 1 has no labels but counts
+    np.testing.assert_allclose(out["R"], [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(out["nDCG"], [0.5, 0.5, 0.5])  # ideal uses min(k, |Y|) = 1 term
+
+
+def test_missing_predictions_are_misses():
+    truth = _csr([[0, 1]], 3)
+    out = xmc_metrics(np.array([[1, -1, -1]]), truth, k=3, inv_propensity=np.ones(3))
+    np.testing.assert_allclose(out["P"], [1.0, 0.5, 1 / 3])
+    np.testing.assert_allclose(out["R"], [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(out["PSP"], [1.0, 0.5, 0.5])
+
+
+def test_matches_per_row_reference_on_random_data():
+    rng = np.random.default_rng(7)
+    n, num_labels, k = 300, 40, 5
+    truth_sets = [set(rng.choice(num_labels, size=rng.integers(0, 8), replace=False).tolist()) for _ in range(n)]
+    topk = np.stack([rng.permutation(num_labels)[:10] for _ in range(n)])
+    topk[rng.random(topk.shape) < 0.1] = -1
+    truth = _csr([sorted(s) for s in truth_sets], num_labels)
+    w = inverse_propensity(_csr([sorted(s) for s in truth_sets[:150]], num_labels))
+    out = xmc_metrics(topk, truth, k=k, inv_propensity=w)
+    ref = _reference(np.where(topk < 0, num_labels, topk), truth_sets, k, np.append(w, 0.0))
+    for name in ref:
+        np.testing.assert_allclose(out[name], ref[name], rtol=1e-12, err_msg=name)
+
+
+def test_inverse_propensity_formula():
+    train = _csr([[0, 1], [0], [0, 2]], 4)
+    a, b = 0.55, 1.5
+    c = (math.log(3) - 1) * (b + 1) ** a
+    expected = [1 + c * (n + b) ** -a for n in (3, 1, 1, 0)]
+    np.testing.assert_allclose(inverse_propensity(train, a, b), expected)
+
+
+def test_truth_values_and_duplicates_are_binarised():
+    truth = sp.csr_matrix((np.array([2.0, 3.0, 0.0]), np.array([0, 0, 1]), np.array([0, 3])), shape=(1, 3))
+    out = xmc_metrics(np.array([[0, 1]]), truth, k=2)
+    np.testing.assert_allclose(out["P"], [1.0, 0.5])  # label 0 once (duplicates summed), label 1 an explicit zero
+
+
+def test_filter_predictions_shifts_up_and_pads():
+    topk = np.array([[3, 1, 4, 2], [5, 3, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, -np.inf, -np.inf]], dtype=np.float32)
+    ids, sc = filter_predictions(topk, scores, np.array([[0, 1], [0, 2], [1, 5], [1, 9]]))
+    np.testing.assert_array_equal(ids, [[3, 4, -1, -1], [3, -1, -1, -1]])
+    np.testing.assert_array_equal(sc, np.array([[0.9, 0.7, -np.inf, -np.inf], [0.4] + [-np.inf] * 3], np.float32))
+    assert sc.dtype == np.float32
+
+
+def test_filter_predictions_matches_per_row_reference():
+    rng = np.random.default_rng(3)
+    n, num_labels = 200, 30
+    topk = np.stack([rng.permutation(num_labels)[:8] for _ in range(n)])
+    scores = -np.sort(rng.random(topk.shape), axis=1)
+    pairs = np.stack([rng.integers(0, n, 500), rng.integers(0, num_labels, 500)], axis=1)
+    ids, sc = filter_predictions(topk, scores, pairs)
+    banned = set(map(tuple, pairs.tolist()))
+    for i in range(n):
+        keep = [j for j in range(8) if (i, topk[i, j]) not in banned]
+        np.testing.assert_array_equal(ids[i], list(topk[i, keep]) + [-1] * (8 - len(keep)))
+        np.testing.assert_array_equal(sc[i], list(scores[i, keep]) + [-np.inf] * (8 - len(keep)))
+
+
+def test_bad_input_is_named():
+    truth = _csr([[0]], 2)
+    with pytest.raises(ValueError, match="columns"):
+        xmc_metrics(np.array([[0]]), truth, k=2)
+    with pytest.raises(ValueError, match="outside"):
+        xmc_metrics(np.array([[5]]), truth, k=1)
+    with pytest.raises(ValueError, match="rows"):
+        filter_predictions(np.array([[0]]), np.array([[1.0]]), np.array([[3, 0]]))

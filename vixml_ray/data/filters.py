@@ -1,0 +1,83 @@
+"""Test-time label filters: (test row, label) pairs removed from predictions (never from the ground truth).
+
+Modes (``DataConfig.filters``):
+
+* ``file``: the source's ``filter_labels_test.txt`` (as published with the Extreme Classification Repository);
+* ``self_reciprocal``: generated for datasets whose labels are items themselves (related-item/product-to-product
+  tasks, uids shared between items and labels), following the repository's note on trivial pairs:
+
+  - self: test item ``t`` whose uid equals the uid of label ``j`` gives ``(t, j)`` (an item must not retrieve itself);
+  - reciprocal: a TRAINING item ``a`` that is itself label ``k`` (same uid) and has label ``j`` in its targets, where
+    label ``j`` is test item ``t`` (same uid), gives ``(t, k)``: the test item's link back to ``a`` is the reverse of
+    a training pair and is filtered;
+
+* ``auto``: ``file`` when the source has the file, else ``none``; ``none``: no pairs.
+
+Generation streams: it keeps one int64 per label (the test row sharing its uid) and the uid column of the labels,
+never the items. Uids are assumed unique within each file (as in the repository); on a duplicate test uid the last
+test row wins.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FILTER_MODES = ("auto", "none", "file", "self_reciprocal")
+
+
+def resolve_mode(mode: str, filter_file: Optional[str]) -> str:
+    """The effective mode; ``file`` without a file is an error naming the expected file."""
+    if mode == "auto":
+        return "file" if filter_file else "none"
+    if mode == "file" and not filter_file:
+        raise FileNotFoundError("data.filters=file but the source has no filter_labels_test.txt")
+    if mode not in FILTER_MODES:
+        raise ValueError(f"unknown filter mode {mode!r} (modes: {', '.join(FILTER_MODES)})")
+    return mode
+
+
+def normalise_pairs(pairs: np.ndarray) -> np.ndarray:
+    """Unique pairs sorted by (row, label), int64 [n, 2]."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+class SelfReciprocalFilter:
+    """Builds self and reciprocal pairs while the test and then the train items stream past."""
+
+    def __init__(self, label_uids: pa.Array):
+        self._label_uids = label_uids
+        self._test_row_of_label = np.full(len(label_uids), -1, dtype=np.int64)
+        self._pairs: list[np.ndarray] = []
+
+    def _label_of(self, uids: pa.Array) -> np.ndarray:
+        return pc.index_in(uids, value_set=self._label_uids).fill_null(-1).to_numpy().astype(np.int64)
+
+    def add_test(self, batch: pa.RecordBatch) -> None:
+        """Self pairs of one test batch; remembers which label is which test row."""
+        label = self._label_of(batch.column("uid"))
+        hit = label >= 0
+        rows = batch.column("row").to_numpy()[hit]
+        self._test_row_of_label[label[hit]] = rows
+        self._pairs.append(np.stack([rows, label[hit]], axis=1))
+
+    def add_train(self, batch: pa.RecordBatch) -> None:
+        """Reciprocal pairs of one training batch (call after every test batch was added)."""
+        k = self._label_of(batch.column("uid"))
+        hit = np.flatnonzero(k >= 0)
+        if not hit.size:
+            return
+        targets = batch.column("labels").take(pa.array(hit))
+        lengths = pc.list_value_length(targets).to_numpy(zero_copy_only=False)
+        j = pc.list_flatten(targets).to_numpy().astype(np.int64)
+        t = self._test_row_of_label[j]
+        k_rep = np.repeat(k[hit], lengths)
+        keep = t >= 0
+        self._pairs.append(np.stack([t[keep], k_rep[keep]], axis=1))
+
+    def pairs(self) -> np.ndarray:
+        return normalise_pairs(np.concatenate(self._pairs) if self._pairs else np.empty((0, 2), np.int64))

@@ -1,0 +1,98 @@
+"""One training step on a global batch: this rank's share of the inputs, one forward, all-gather, loss, update.
+
+The items of a global batch are its B queries followed by its M unique labels (the union of the sampled positives);
+each rank embeds a contiguous near-equal share of these B + M items (every query and every label exactly once across
+ranks), the embeddings are all-gathered with gradients flowing back to the local share, and every rank computes the
+triplet loss of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from vixml_ray.model.tokens import TokenArrays
+from vixml_ray.train import dist
+from vixml_ray.train.engine import Engine
+from vixml_ray.train.inputs import ImageSource
+from vixml_ray.train.loss import TripletLossConfig, triplet_loss
+from vixml_ray.train.positives import BatchTargets, batch_targets
+from vixml_ray.train.sampler import slice_bounds
+
+
+@dataclass
+class StepBatch:
+    """What one rank needs for one step of a global batch."""
+
+    targets: BatchTargets  # the global batch's labels, sampled positives and true pairs
+    sizes: list[int]  # items (queries + labels) embedded by each rank
+    chunks: int  # embedder calls per rank (equal on all ranks)
+    ids: torch.Tensor  # long [n_local, width] this rank's items, padded to their longest
+    lengths: torch.Tensor  # long [n_local]
+    feats: torch.Tensor | None  # float [n_local, slots, dim]
+    mask: torch.Tensor | None  # bool [n_local, slots]
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.targets.pos_index)
+
+
+def make_step_batch(rows: np.ndarray, sampled: np.ndarray, labels: sp.csr_matrix, query_tokens: TokenArrays,
+                    label_tokens: TokenArrays, images: ImageSource | None, chunk_rows: int,
+                    device: torch.device) -> StepBatch:
+    """This rank's share of the global batch ``rows`` (training query rows) with positives ``sampled[rows]``."""
+    targets = batch_targets(labels, rows, sampled)
+    num_q, world = len(rows), dist.world_size()
+    bounds = slice_bounds(num_q + len(targets.label_ids), world)
+    lo, hi = int(bounds[dist.rank()]), int(bounds[dist.rank() + 1])
+    q_rows = rows[lo:min(hi, num_q)]
+    l_rows = targets.label_ids[max(lo, num_q) - num_q : max(hi, num_q) - num_q]
+    parts = [(query_tokens, "train", q_rows), (label_tokens, "label", l_rows)]
+    parts = [(tokens, split, r) for tokens, split, r in parts if len(r)]
+    taken = [tokens.take(r) for tokens, _, r in parts]
+    width = max(t.ids.shape[1] for t in taken)
+    ids = np.concatenate([np.pad(t.ids, ((0, 0), (0, width - t.ids.shape[1]))) for t in taken])
+    lengths = np.concatenate([t.lengths for t in taken])
+    feats = mask = None
+    if images is not None:
+        got = [images.get(split, r) for _, split, r in parts]
+        feats = torch.as_tensor(np.concatenate([np.asarray(f, dtype=np.float32) for f, _ in got]), device=device)
+        mask = torch.as_tensor(np.concatenate([np.asarray(m, dtype=bool) for _, m in got]), device=device)
+    sizes = np.diff(bounds).tolist()
+    return StepBatch(
+        targets=targets,
+        sizes=sizes,
+        chunks=max(1, math.ceil(max(sizes) / chunk_rows)),
+        ids=torch.as_tensor(ids, dtype=torch.long, device=device),
+        lengths=torch.as_tensor(lengths, dtype=torch.long, device=device),
+        feats=feats,
+        mask=mask,
+    )
+
+
+def forward_loss(engine: Engine, batch: StepBatch, loss_cfg: TripletLossConfig) -> torch.Tensor:
+    """The global batch's loss (the same value on every rank), differentiable w.r.t. this rank's share."""
+    local = engine.module(batch.ids, batch.lengths, batch.feats, batch.mask, batch.chunks)
+    items = dist.all_gather(local, batch.sizes)
+    num_q = batch.num_queries
+    device = items.device
+    return triplet_loss(
+        items[:num_q],
+        items[num_q:],
+        torch.as_tensor(batch.targets.pos_index, device=device),
+        torch.as_tensor(batch.targets.positive_mask, device=device),
+        loss_cfg,
+    )
+
+
+def train_step(engine: Engine, batch: StepBatch, loss_cfg: TripletLossConfig) -> tuple[float, float]:
+    """Forward, backward and update; returns (loss, gradient norm before clipping)."""
+    loss = forward_loss(engine, batch, loss_cfg)
+    # every rank holds the whole loss but only its share's gradient; DDP/DeepSpeed average over ranks -> x world
+    engine.backward(loss * dist.world_size())
+    grad_norm = engine.step()
+    return float(loss.detach()), grad_norm

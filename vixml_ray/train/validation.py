@@ -1,0 +1,87 @@
+"""Embedding many rows across ranks without gradients, and brute-force retrieval metrics during training.
+
+Every rank embeds an equal share of the rows (padded with repeats, so under ZeRO-3 every rank runs the same number
+of forward calls) and the shares are all-gathered; every rank then holds the same embeddings and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from vixml_ray.eval.metrics import filter_predictions, xmc_metrics
+from vixml_ray.model.embedder import Embedder
+from vixml_ray.model.tokens import TokenArrays
+from vixml_ray.train import dist
+from vixml_ray.train.inputs import ImageSource
+
+
+def embed_rows(embedder: Embedder, tokens: TokenArrays, images: ImageSource | None, split: str, rows: np.ndarray,
+               batch_size: int, device: torch.device) -> np.ndarray:
+    """float32 [len(rows), hidden] embeddings of ``rows`` of ``split``, computed on all ranks together."""
+    rows = np.asarray(rows, dtype=np.int64)
+    world = dist.world_size()
+    share = math.ceil(len(rows) / world) if len(rows) else 0
+    padded = np.resize(rows, share * world) if len(rows) else rows
+    mine = padded[dist.rank() * share : (dist.rank() + 1) * share]
+    local = _embed_local(embedder, tokens, images, split, mine, batch_size, device)
+    gathered = dist.all_gather_array(local, [share] * world, device=device)
+    return gathered[: len(rows)]
+
+
+def _embed_local(embedder: Embedder, tokens: TokenArrays, images: ImageSource | None, split: str, rows: np.ndarray,
+                 batch_size: int, device: torch.device) -> np.ndarray:
+    order = np.argsort(np.asarray(tokens.lengths[rows]), kind="stable")  # similar lengths share a batch
+    out = np.empty((len(rows), embedder.hidden_size), dtype=np.float32)
+    was_training = embedder.training
+    embedder.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                positions = order[start : start + batch_size]
+                batch = tokens.take(rows[positions])
+                feats = mask = None
+                if images is not None:
+                    f, m = images.get(split, rows[positions])
+                    feats = torch.as_tensor(np.asarray(f, dtype=np.float32), device=device)
+                    mask = torch.as_tensor(np.asarray(m, dtype=bool), device=device)
+                emb = embedder(torch.as_tensor(batch.ids, dtype=torch.long, device=device),
+                               torch.as_tensor(batch.lengths, dtype=torch.long, device=device), feats, mask)
+                out[positions] = emb.float().cpu().numpy()
+    finally:
+        embedder.train(was_training)
+    return out
+
+
+def retrieve(queries: np.ndarray, labels: np.ndarray, k: int, device: torch.device,
+             max_scores: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` labels by inner product: (ids int64 [n, k], scores float32 [n, k]), best first."""
+    k = min(k, len(labels))
+    label_t = torch.as_tensor(labels, device=device)
+    step = max(1, max_scores // max(1, len(labels)))
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    for lo in range(0, len(queries), step):
+        s = torch.as_tensor(queries[lo : lo + step], device=device) @ label_t.T
+        top = s.topk(k, dim=1)
+        ids[lo : lo + step] = top.indices.cpu().numpy()
+        scores[lo : lo + step] = top.values.cpu().numpy()
+    return ids, scores
+
+
+def retrieval_metrics(query_emb: np.ndarray, label_emb: np.ndarray, truth: sp.csr_matrix, k: int, topk: int,
+                      device: torch.device, inv_propensity: np.ndarray | None = None,
+                      filter_pairs: np.ndarray | None = None, prefix: str = "") -> dict[str, float]:
+    """``{prefix}P@j``, ``nDCG@j``, ``R@j`` (and ``PSP@j``) for j in 1..k, in percent, from brute-force top-``topk``
+    with the ``filter_pairs`` (query row, label) removed from the predictions."""
+    ids, scores = retrieve(query_emb, label_emb, max(k, topk), device)
+    if filter_pairs is not None and len(filter_pairs):
+        ids, scores = filter_predictions(ids, scores, filter_pairs)
+    if ids.shape[1] < k:  # fewer labels than k: pad with "no prediction"
+        ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+    metrics = xmc_metrics(ids, truth, k=k, inv_propensity=inv_propensity)
+    return {f"{prefix}{name}@{j + 1}": round(100.0 * float(values[j]), 4)
+            for name, values in metrics.items() for j in range(k)}
