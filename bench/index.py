@@ -12,8 +12,9 @@ For each dim (64 and 384) on the clustered labels, in the same run and on the sa
     build seconds and memory (resident set and vector bytes). ``--ann-isotropic-dims`` repeats them on isotropic
     vectors (their exact ground truth from the sharded flat index).
 
-Full run: 1M labels, 10k queries, k=100, S=4 (about 25 min on an idle 2-core machine, mostly HNSW builds).
-``--quick``: 30k labels, 1k queries, 64-d only (< 1 min). The last line printed is a JSON summary.
+Full run: 1M labels, 10k queries, k=100, S=4 (HNSW efConstruction 100: builds dominate with exact search).
+``--quick``: 30k labels, 1k queries, 64-d only (< 1 min). ``--ann-kinds`` (none = exact only) and
+``--ann-isotropic-dims`` narrow a run. The last line printed is a JSON summary.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from vixml_ray.config import Config, load_config
@@ -132,25 +134,28 @@ def test_resumed_run_embeds_only_missing_shards(ray_session, tmp_path):
     first = embed_images(cfg, root, progress=False)
     assert first["shards"] >= 4 and first["shards_skipped"] == 0
     cache_uri = first["features"]
-    before = FeatureBank.open(root)
+    bank = FeatureBank.open(root)
+    before = {split: bank.get(split, np.arange(bank.num_rows(split))) for split in schema.SPLITS}
     shards = sorted(Path(cache_uri, cache.SHARDS_DIR).glob("part-*.parquet"))
     assert len(shards) == first["shards"]
     valid_in = [sum(pq.read_table(p, columns=["valid"]).column("valid").to_pylist()) for p in shards]
     stamps = {p.name: p.stat().st_mtime_ns for p in shards}
 
-    # a run killed half way: one shard never written, one cut off mid-file
+    # a run killed half way: one shard never written, one cut off mid-file, no bank and no cache manifest yet
     shards[1].unlink()
     shards[2].write_bytes(shards[2].read_bytes()[:300])
+    shutil.rmtree(Path(cache_uri, cache.BANK_DIR))
+    Path(cache_uri, cache.CACHE_MANIFEST).unlink()
     second = embed_images(cfg, root, progress=False)
     assert second["shards_skipped"] == first["shards"] - 2
     assert second["embedded"] == valid_in[1] + valid_in[2]  # the images the model saw this time
     assert second["bank_rebuilt"] and second["valid"] == first["valid"]
     untouched = {p.name: p.stat().st_mtime_ns for p in shards if p not in (shards[1], shards[2])}
     assert untouched == {k: v for k, v in stamps.items() if k in untouched}
-    after = FeatureBank.open(root)
-    for split in schema.SPLITS:
-        rows = np.arange(after.num_rows(split))
-        assert np.array_equal(after.get(split, rows)[0].numpy(), before.get(split, rows)[0].numpy())
+    bank = FeatureBank.open(root)
+    for split, (feats, mask) in before.items():
+        again = bank.get(split, np.arange(bank.num_rows(split)))
+        assert torch.equal(again[0], feats) and torch.equal(again[1], mask)
 
     third = embed_images(cfg, root, progress=False)  # nothing left to do: no Ray work, no bank rebuild
     assert third["embedded"] == 0 and third["shards_skipped"] == first["shards"] and not third["bank_rebuilt"]

@@ -207,6 +207,19 @@ class EvalConfig:
 
 
 @dataclass
+class InferConfig:
+    """Batch embedding with a trained export: Ray Data actor pools of label refresh and evaluation, the predictor."""
+
+    batch_size: int = bounded(256, 1)  # rows per model forward
+    rows_per_batch: int = bounded(4096, 1)  # rows per Ray Data batch handed to an actor (sorted by length inside)
+    rows_per_part: int = bounded(65536, 1)  # label rows per parquet part of an index version
+    min_actors: int = bounded(1, 1)
+    max_actors: int = bounded(1, 1)
+    num_cpus_per_actor: float = bounded(1.0, 0.0)  # also the actor's torch threads on CPU
+    num_gpus_per_actor: float = bounded(0.0, 0.0)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a private local Ray on 127.0.0.1
     num_cpus: Optional[int] = None
@@ -226,6 +239,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -325,6 +339,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid value for 'train.num_workers': DeepSpeed needs at least one Ray Train worker")
     if cfg.vision.min_actors > cfg.vision.max_actors:
         raise ConfigError("invalid values: 'vision.min_actors' must not exceed 'vision.max_actors'")
+    if cfg.infer.min_actors > cfg.infer.max_actors:
+        raise ConfigError("invalid values: 'infer.min_actors' must not exceed 'infer.max_actors'")
 
 
 def _check_fields(node: Any, prefix: str) -> None:

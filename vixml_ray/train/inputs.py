@@ -8,8 +8,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Protocol
-
 import numpy as np
 import scipy.sparse as sp
 from transformers import PreTrainedTokenizerBase
@@ -19,16 +17,9 @@ from vixml_ray.data.dataset import Dataset, open_dataset
 from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model.tokens import TokenArrays, load_tokens, save_tokens, tokenize
 from vixml_ray.train import dist
+from vixml_ray.vision.bank import FeatureBank
 
 log = logging.getLogger(__name__)
-
-
-class ImageSource(Protocol):
-    """Image features by entity: ``get(split, rows) -> (float [n, slots, dim], bool [n, slots])``."""
-
-    dim: int
-
-    def get(self, split: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -40,7 +31,7 @@ class TrainInputs:
     train_rows: np.ndarray  # training rows used for training (the rest of TRAIN is validation)
     val_rows: np.ndarray
     inv_propensity: np.ndarray  # from the training rows' label counts
-    images: ImageSource | None
+    images: FeatureBank | None  # image features of train/test/label rows when the model uses images
 
     @property
     def image_dim(self) -> int | None:
@@ -96,14 +87,15 @@ def cached_tokens(cfg: Config, dataset: Dataset, split: str, tokenizer: PreTrain
     return load_tokens(directory)
 
 
-def open_images(cfg: Config, dataset: Dataset) -> ImageSource | None:
+def open_images(cfg: Config, dataset: Dataset) -> FeatureBank | None:
     """The dataset's image feature bank when the model uses images (an error if it has none)."""
     if not (cfg.model.use_images and cfg.model.num_images > 0):
         return None
-    from vixml_ray.vision import FeatureBank
-
+    if not dataset.features():
+        raise ConfigError(f"'model.use_images' is true but {dataset.uri} has no image features "
+                          "(run jobs/embed_images.py first)")
     try:
         return FeatureBank.open(dataset.uri)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, KeyError, ValueError) as err:
         raise ConfigError(f"'model.use_images' is true but {dataset.uri} has no image features "
                           f"(run jobs/embed_images.py first): {err}") from err

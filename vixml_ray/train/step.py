@@ -18,10 +18,10 @@ import torch
 from vixml_ray.model.tokens import TokenArrays
 from vixml_ray.train import dist
 from vixml_ray.train.engine import Engine
-from vixml_ray.train.inputs import ImageSource
 from vixml_ray.train.loss import TripletLossConfig, triplet_loss
 from vixml_ray.train.positives import BatchTargets, batch_targets
 from vixml_ray.train.sampler import slice_bounds
+from vixml_ray.vision.bank import FeatureBank
 
 
 @dataclass
@@ -42,7 +42,7 @@ class StepBatch:
 
 
 def make_step_batch(rows: np.ndarray, sampled: np.ndarray, labels: sp.csr_matrix, query_tokens: TokenArrays,
-                    label_tokens: TokenArrays, images: ImageSource | None, chunk_rows: int,
+                    label_tokens: TokenArrays, images: FeatureBank | None, chunk_rows: int,
                     device: torch.device) -> StepBatch:
     """This rank's share of the global batch ``rows`` (training query rows) with positives ``sampled[rows]``."""
     targets = batch_targets(labels, rows, sampled)
@@ -60,8 +60,8 @@ def make_step_batch(rows: np.ndarray, sampled: np.ndarray, labels: sp.csr_matrix
     feats = mask = None
     if images is not None:
         got = [images.get(split, r) for _, split, r in parts]
-        feats = torch.as_tensor(np.concatenate([np.asarray(f, dtype=np.float32) for f, _ in got]), device=device)
-        mask = torch.as_tensor(np.concatenate([np.asarray(m, dtype=bool) for _, m in got]), device=device)
+        feats = torch.cat([f for f, _ in got]).to(device=device, dtype=torch.float32)
+        mask = torch.cat([m for _, m in got]).to(device=device, dtype=torch.bool)
     sizes = np.diff(bounds).tolist()
     return StepBatch(
         targets=targets,

@@ -16,10 +16,10 @@ from vixml_ray.eval.metrics import filter_predictions, xmc_metrics
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.model.tokens import TokenArrays
 from vixml_ray.train import dist
-from vixml_ray.train.inputs import ImageSource
+from vixml_ray.vision.bank import FeatureBank
 
 
-def embed_rows(embedder: Embedder, tokens: TokenArrays, images: ImageSource | None, split: str, rows: np.ndarray,
+def embed_rows(embedder: Embedder, tokens: TokenArrays, images: FeatureBank | None, split: str, rows: np.ndarray,
                batch_size: int, device: torch.device) -> np.ndarray:
     """float32 [len(rows), hidden] embeddings of ``rows`` of ``split``, computed on all ranks together."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -32,7 +32,7 @@ def embed_rows(embedder: Embedder, tokens: TokenArrays, images: ImageSource | No
     return gathered[: len(rows)]
 
 
-def _embed_local(embedder: Embedder, tokens: TokenArrays, images: ImageSource | None, split: str, rows: np.ndarray,
+def _embed_local(embedder: Embedder, tokens: TokenArrays, images: FeatureBank | None, split: str, rows: np.ndarray,
                  batch_size: int, device: torch.device) -> np.ndarray:
     order = np.argsort(np.asarray(tokens.lengths[rows]), kind="stable")  # similar lengths share a batch
     out = np.empty((len(rows), embedder.hidden_size), dtype=np.float32)
@@ -46,8 +46,7 @@ def _embed_local(embedder: Embedder, tokens: TokenArrays, images: ImageSource | 
                 feats = mask = None
                 if images is not None:
                     f, m = images.get(split, rows[positions])
-                    feats = torch.as_tensor(np.asarray(f, dtype=np.float32), device=device)
-                    mask = torch.as_tensor(np.asarray(m, dtype=bool), device=device)
+                    feats, mask = f.to(device=device, dtype=torch.float32), m.to(device=device, dtype=torch.bool)
                 emb = embedder(torch.as_tensor(batch.ids, dtype=torch.long, device=device),
                                torch.as_tensor(batch.lengths, dtype=torch.long, device=device), feats, mask)
                 out[positions] = emb.float().cpu().numpy()

@@ -1,0 +1,144 @@
+"""Image embedding throughput: the Ray Data pipeline against the plain single-process loop, same images, model and
+batch size.
+
+(a) pipeline: ``embed_images`` (decode tasks + one embedding actor) in steady state (from its first output batch on);
+    Ray's start-up, the actor's model load and the first batch are reported apart as ``startup_s``;
+(b) plain loop: read, decode, preprocess and embed one batch after another in this process with all cores (the way
+    the paper's extraction script works);
+(c) the forward alone on the pre-decoded tensors of (b) (the ceiling), and the per-image decode and model costs.
+
+The images are JPEG "photos" of ``--image-px`` pixels (smooth random colour fields plus noise, quality 90, as
+catalogue photos are); the tower is a random-init open_clip architecture. Prints one JSON line last, with
+``ratio`` = pipeline / plain loop. ``--quick`` finishes within a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from vixml_ray.config import Config, load_config
+from vixml_ray.data import schema
+from vixml_ray.data.synthetic import generate_synthetic
+from vixml_ray.ray_utils import init_ray
+from vixml_ray.vision.decode import decode_rgb
+from vixml_ray.vision.pipeline import embed_images
+from vixml_ray.vision.towers import load_preprocessor, load_tower
+
+
+def photo(px: int, rng: np.random.Generator) -> bytes:
+    """A smooth random colour field with fine noise, as JPEG bytes (decodes like a catalogue photo)."""
+    field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((px, px), Image.BICUBIC)
+    pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 8, (px, px, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_dataset(root: str, n_images: int, px: int, seed: int) -> list[str]:
+    """A prepared dataset whose image manifest lists ``n_images`` JPEGs (3 per training item); returns their paths."""
+    cfg = load_config(None, [f"data.synthetic.num_train={-(-n_images // 3)}", "data.synthetic.num_test=1",
+                             "data.synthetic.num_topics=1", "data.synthetic.image_size=8", f"data.synthetic.seed={seed}"])
+    generate_synthetic(root, cfg, overwrite=True)
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "bench"), exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        rel = f"bench/{i:06d}.jpg"
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(photo(px, rng))
+        rows.append({"split": "train", "row": i // 3, "uid": f"trn{i // 3}", "slot": i % 3, "uri": rel})
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.IMAGES_SCHEMA), os.path.join(root, schema.IMAGES_FILE))
+    return [os.path.join(root, r["uri"]) for r in rows]
+
+
+def plain_loop(cfg: Config, paths: list[str], batch_size: int) -> dict[str, float]:
+    """(b) and (c): the single-process loop with all cores; decode and forward timed apart."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    tower, preprocess = load_tower(cfg.vision), load_preprocessor(cfg.vision)
+
+    def decode(batch: list[str]) -> dict[str, np.ndarray]:
+        images = []
+        for path in batch:
+            with open(path, "rb") as f:
+                images.append(decode_rgb(f.read()).image)
+        return preprocess(images)
+
+    tower.embed(decode(paths[:batch_size]))  # warm-up (first-call allocations), not timed
+    decode_s = model_s = 0.0
+    start = time.perf_counter()
+    for lo in range(0, len(paths), batch_size):
+        t0 = time.perf_counter()
+        inputs = decode(paths[lo: lo + batch_size])
+        t1 = time.perf_counter()
+        tower.embed(inputs)
+        decode_s += t1 - t0
+        model_s += time.perf_counter() - t1
+    total = time.perf_counter() - start
+    n = len(paths)
+    return {"plain_images_per_s": n / total, "model_only_images_per_s": n / model_s,
+            "decode_ms_per_image": 1000 * decode_s / n, "model_ms_per_image": 1000 * model_s / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few images: finishes within a minute on 2 cores")
+    parser.add_argument("--images", type=int, default=None, help="default 512 (--quick: 96)")
+    parser.add_argument("--model", default="ViT-B-32-SigLIP2-256", help="open_clip architecture (random weights)")
+    parser.add_argument("--tower-size", type=int, default=None, help="tower input size (default: the model's)")
+    parser.add_argument("--image-px", type=int, default=1024, help="side of the source JPEGs")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--decode-batch-size", type=int, default=4)
+    parser.add_argument("--actor-threads", type=int, default=None, help="torch threads of the actor (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    n_images = args.images or (96 if args.quick else 512)
+    cores = os.cpu_count() or 1
+    work = tempfile.mkdtemp(prefix="vixml-bench-embed-")
+    root = os.path.join(work, "dataset")
+    paths = make_dataset(root, n_images, args.image_px, args.seed)
+    overrides = [
+        f"cache_dir={work}/cache", "vision.backend=open_clip", f"vision.model_name={args.model}",
+        f"vision.batch_size={args.batch_size}", f"vision.decode_batch_size={args.decode_batch_size}",
+        f"vision.rows_per_shard={max(args.batch_size, n_images // 4)}", "vision.decode_num_cpus=1",
+        "vision.num_cpus_per_actor=1", f"vision.actor_threads={args.actor_threads or cores}",
+    ]
+    if args.tower_size:
+        overrides.append(f"vision.image_size={args.tower_size}")
+    cfg = load_config(None, overrides)
+
+    plain = plain_loop(cfg, paths, args.batch_size)  # also warms the page cache for both runs
+
+    t0 = time.perf_counter()
+    init_ray(num_cpus=cores, local_only=True, include_dashboard=False)
+    ray_start_s = time.perf_counter() - t0
+    summary = embed_images(cfg, root, progress=False)
+    assert summary["embedded"] == n_images, summary
+
+    result = {
+        "model": args.model, "tower_size": load_preprocessor(cfg.vision).image_size, "image_px": args.image_px,
+        "images": n_images, "batch_size": args.batch_size, "cores": cores,
+        "pipeline_images_per_s": round(summary["steady_images_per_s"], 2),
+        "startup_s": round(ray_start_s + summary["first_output_s"], 2),
+        "plain_images_per_s": round(plain["plain_images_per_s"], 2),
+        "model_only_images_per_s": round(plain["model_only_images_per_s"], 2),
+        "decode_ms_per_image": round(plain["decode_ms_per_image"], 1),
+        "model_ms_per_image": round(plain["model_ms_per_image"], 1),
+        "model_share": round(plain["model_ms_per_image"] / (plain["model_ms_per_image"] + plain["decode_ms_per_image"]), 3),
+        "ratio": round(summary["steady_images_per_s"] / plain["plain_images_per_s"], 3),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
