@@ -48,7 +48,8 @@ def photo(px: int, rng: np.random.Generator) -> bytes:
 def make_dataset(root: str, n_images: int, px: int, seed: int) -> list[str]:
     """A prepared dataset whose image manifest lists ``n_images`` JPEGs (3 per training item); returns their paths."""
     cfg = load_config(None, [f"data.synthetic.num_train={-(-n_images // 3)}", "data.synthetic.num_test=1",
-                             "data.synthetic.num_topics=1", "data.synthetic.image_size=8", f"data.synthetic.seed={seed}"])
+                             "data.synthetic.num_topics=1", "data.synthetic.image_size=8",
+                             f"data.synthetic.seed={seed}"])
     generate_synthetic(root, cfg, overwrite=True)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "bench"), exist_ok=True)
@@ -87,7 +88,8 @@ def plain_loop(cfg: Config, paths: list[str], batch_size: int) -> dict[str, floa
     total = time.perf_counter() - start
     n = len(paths)
     return {"plain_images_per_s": n / total, "model_only_images_per_s": n / model_s,
-            "decode_ms_per_image": 1000 * decode_s / n, "model_ms_per_image": 1000 * model_s / n}
+            "decode_ms_per_image": 1000 * decode_s / n, "model_ms_per_image": 1000 * model_s / n,
+            "tower_size": preprocess.image_size}
 
 
 def main() -> None:
@@ -99,7 +101,8 @@ def main() -> None:
     parser.add_argument("--image-px", type=int, default=1024, help="side of the source JPEGs")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--decode-batch-size", type=int, default=4)
-    parser.add_argument("--actor-threads", type=int, default=None, help="torch threads of the actor (default: all cores)")
+    parser.add_argument("--actor-threads", type=int, default=None,
+                        help="torch threads of the embedding actor (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n_images = args.images or (96 if args.quick else 512)
@@ -125,16 +128,17 @@ def main() -> None:
     summary = embed_images(cfg, root, progress=False)
     assert summary["embedded"] == n_images, summary
 
+    decode_ms, model_ms = plain["decode_ms_per_image"], plain["model_ms_per_image"]
     result = {
-        "model": args.model, "tower_size": load_preprocessor(cfg.vision).image_size, "image_px": args.image_px,
+        "model": args.model, "tower_size": plain["tower_size"], "image_px": args.image_px,
         "images": n_images, "batch_size": args.batch_size, "cores": cores,
         "pipeline_images_per_s": round(summary["steady_images_per_s"], 2),
         "startup_s": round(ray_start_s + summary["first_output_s"], 2),
         "plain_images_per_s": round(plain["plain_images_per_s"], 2),
         "model_only_images_per_s": round(plain["model_only_images_per_s"], 2),
-        "decode_ms_per_image": round(plain["decode_ms_per_image"], 1),
-        "model_ms_per_image": round(plain["model_ms_per_image"], 1),
-        "model_share": round(plain["model_ms_per_image"] / (plain["model_ms_per_image"] + plain["decode_ms_per_image"]), 3),
+        "decode_ms_per_image": round(decode_ms, 1),
+        "model_ms_per_image": round(model_ms, 1),
+        "model_share": round(model_ms / (model_ms + decode_ms), 3),
         "ratio": round(summary["steady_images_per_s"] / plain["plain_images_per_s"], 3),
     }
     print(json.dumps(result), flush=True)

@@ -85,7 +85,8 @@ def test_pipeline_counts_bad_images_and_fills_the_bank(ray_session, tmp_path, ht
     photo = Image.open(ds.image_uri(present[0]["uri"])).convert("RGB")
     jpeg = _encode(photo, "JPEG")
     damage = {present[1]["uri"]: b"", present[2]["uri"]: jpeg[: len(jpeg) // 2],
-              present[3]["uri"]: _encode(photo.convert("CMYK"), "JPEG"), present[4]["uri"]: _encode(photo.convert("RGBA"), "PNG")}
+              present[3]["uri"]: _encode(photo.convert("CMYK"), "JPEG"),
+              present[4]["uri"]: _encode(photo.convert("RGBA"), "PNG")}
     for uri, data in damage.items():
         Path(ds.image_uri(uri)).write_bytes(data)
     http_root["dir"] = ds.uri  # two images come over HTTP

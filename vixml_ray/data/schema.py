@@ -93,3 +93,26 @@ def label_embedding_schema(dim: int) -> pa.Schema:
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
         ]
     )
+
+
+# ``<index>/versions/vN/labels.parquet`` (written by :mod:`vixml_ray.index.refresh`): the labels a version holds, by
+# row: names for the predictor, content hashes for the next incremental refresh, the version that embedded each.
+INDEX_LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),  # hex BLAKE2b-128 of text, image mask and features
+        pa.field("source_version", pa.string(), nullable=False),
+    ]
+)
+
+# ``<eval out>/predictions.parquet`` (written by :mod:`vixml_ray.eval.evaluate`): the ranked labels of each test row
+# after the filter pairs were removed, best first.
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),  # test item row
+        pa.field("labels", pa.list_(pa.int64()), nullable=False),
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+    ]
+)

@@ -44,11 +44,13 @@ def load_inputs(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TrainInputs:
     if not cfg.data.dataset:
         raise ConfigError("'data.dataset' is not set: train needs a prepared dataset directory")
     dataset = open_dataset(cfg.data.dataset)
-    tokens: dict[str, TokenArrays] = {}
-    for turn in (0, 1):
-        if (dist.rank() == 0) == (turn == 0):
-            tokens = {split: cached_tokens(cfg, dataset, split, tokenizer) for split in ("train", "test", "label")}
-        dist.barrier()
+    def all_tokens() -> dict[str, TokenArrays]:
+        return {split: cached_tokens(cfg, dataset, split, tokenizer) for split in ("train", "test", "label")}
+
+    tokens = all_tokens() if dist.rank() == 0 else {}
+    dist.barrier()
+    if dist.rank() != 0:
+        tokens = all_tokens()
     train_rows, val_rows = dataset.validation_rows(cfg.data, cfg.train.seed)
     train_labels = dataset.label_matrix("train")
     return TrainInputs(
@@ -80,7 +82,7 @@ def cached_tokens(cfg: Config, dataset: Dataset, split: str, tokenizer: PreTrain
     arrays = tokenize(tokenizer, dataset.texts(split), cfg.model.max_length)
     try:
         save_tokens(arrays, directory, tokenizer_name=cfg.model.name_or_path)
-    except (FileExistsError, OSError):  # another process published it first: use theirs
+    except OSError:  # another process published it first: use theirs
         if not os.path.isdir(directory):
             raise
     log.info("tokenised %d %s texts into %s", len(arrays), split, directory)

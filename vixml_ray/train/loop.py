@@ -121,23 +121,24 @@ class Trainer:
         return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
 
     def update_clusters(self, epoch: int) -> None:
-        """Random batches before the start; new clusters at refresh epochs; merged siblings when the size doubles
-        between refreshes; and after a resume, clusters rebuilt if the checkpoint predates the last refresh."""
+        """Random batches before the start; new clusters from fresh embeddings at refresh epochs (or when there
+        are none); between refreshes, a doubled size merges sibling clusters of the same tree."""
         size = self.schedule.cluster_size(epoch)
         if size is None:
             self.sampler.set_clusters(None)
-        elif self.schedule.refresh(epoch) or self.sampler.cluster_ids is None:
-            self.sampler.set_clusters(self.cluster_queries(size), size)
-        elif size != self.sampler.cluster_size:
-            self.sampler.merge_siblings(size)
+        elif self.schedule.refresh(epoch) or self.sampler.cluster_size is None:
+            self.sampler.set_clusters(self.cluster_queries(size, epoch), size)
+        else:
+            while self.sampler.cluster_size < size:
+                self.sampler.merge_siblings(2 * self.sampler.cluster_size)
 
-    def cluster_queries(self, size: int) -> np.ndarray:
+    def cluster_queries(self, size: int, epoch: int) -> np.ndarray:
         """Cluster ids of the training queries from the current model's embeddings (computed by all ranks,
         clustered on rank 0 and broadcast, so every rank uses the very same assignment)."""
         start = time.perf_counter()
         emb = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train",
                          self.sampler.rows, self.cfg.eval.batch_size, self.runtime.device)
-        ids = balanced_clusters(emb, size, seed=self.cfg.train.seed) if dist.rank() == 0 else None
+        ids = balanced_clusters(emb, size, seed=self.cfg.train.seed + epoch) if dist.rank() == 0 else None
         ids = dist.broadcast_object(ids)
         log.info("clustered %d queries into %d clusters of ~%d in %.1f s", len(ids), int(ids.max()) + 1, size,
                  time.perf_counter() - start)
@@ -160,10 +161,10 @@ class Trainer:
         rows = np.arange(self.inputs.dataset.num_test)
         queries = embed_rows(self.engine.embedder, self.inputs.tokens["test"], self.inputs.images, "test", rows,
                              self.cfg.eval.batch_size, self.runtime.device)
-        filters = self.inputs.dataset.filter_pairs() if self.cfg.data.filters != "none" else None
         return retrieval_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
                                  topk=self.cfg.eval.topk, device=self.runtime.device,
-                                 inv_propensity=self.inputs.inv_propensity, filter_pairs=filters, prefix="test_")
+                                 inv_propensity=self.inputs.inv_propensity,
+                                 filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def report_with_checkpoint(self, metrics: dict[str, Any]) -> None:

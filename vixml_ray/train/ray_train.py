@@ -13,12 +13,11 @@ same config again with the same run name resumes from the newest checkpoint (Ray
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -110,9 +109,9 @@ def prepare_shared(cfg: Config) -> None:
         cached_tokens(cfg, dataset, split, tokenizer)
 
 
-def fit(cfg: Config, run_name: str = "train") -> dict[str, Any]:
-    """Trains ``cfg`` with Ray Train on ``train.num_workers`` workers (0 = in the driver process); resumes the run
-    ``run_name`` if it has a checkpoint. Returns the summary (``checkpoint`` = the inference export's path)."""
+def make_trainer(cfg: Config, run_name: str, callbacks: Sequence[Any] = ()) -> tuple[Any, str]:
+    """The ``TorchTrainer`` of one training run and its run directory (``callbacks`` go into its RunConfig, e.g.
+    Tune's ``TuneReportCallback``). ``cfg`` must already name a prepared dataset."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -135,12 +134,24 @@ def fit(cfg: Config, run_name: str = "train") -> dict[str, Any]:
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=list(callbacks),
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
     )
+    return trainer, run_dir
+
+
+def fit(cfg: Config, run_name: str = "train") -> dict[str, Any]:
+    """Trains ``cfg`` with Ray Train on ``train.num_workers`` workers (0 = in the driver process); resumes the run
+    ``run_name`` if it has a checkpoint. Returns the summary (``checkpoint`` = the inference export's path)."""
+    trainer, run_dir = make_trainer(cfg, run_name)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    return read_summary(run_dir)
+
+
+def read_summary(run_dir: str) -> dict[str, Any]:
     return storage.read_json(storage.join(run_dir, SUMMARY))
 
 
@@ -154,7 +165,3 @@ def _absolute_paths(cfg: Config) -> Config:
         if value and "://" not in value and not os.path.isabs(value):
             changes[key] = os.path.abspath(value)
     return replace(cfg, **changes) if changes else cfg
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=True, default=float)

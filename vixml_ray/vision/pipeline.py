@@ -46,10 +46,10 @@ def check_manifest_rows(table: pa.Table, num_rows: dict[str, int], where: str) -
         if split not in num_rows:
             raise ValueError(f"{where}: unknown split {split!r} (splits: {', '.join(num_rows)})")
         rows = pc.filter(table.column("row"), pc.equal(table.column("split"), split))
-        bounds = pc.min_max(rows).as_py()
-        if bounds["min"] < 0 or bounds["max"] >= num_rows[split]:
-            raise ValueError(f"{where}: {split} row {bounds['max'] if bounds['max'] >= num_rows[split] else bounds['min']}"
-                             f" outside 0..{num_rows[split] - 1}")
+        low, high = pc.min_max(rows).as_py().values()
+        if low < 0 or high >= num_rows[split]:
+            bad = low if low < 0 else high
+            raise ValueError(f"{where}: {split} row {bad} outside 0..{num_rows[split] - 1}")
     slots = pc.min_max(table.column("slot")).as_py()
     if slots["min"] is not None and (slots["min"] < 0 or slots["max"] >= schema.MAX_IMAGES):
         raise ValueError(f"{where}: slot outside 0..{schema.MAX_IMAGES - 1}")

@@ -1,0 +1,188 @@
+"""The evaluation job: embed the test queries (Ray Data), retrieve from the sharded label index, score.
+
+Per Ray Data batch of embedded test queries the driver asks the :class:`~vixml_ray.index.ShardedIndex` for the top
+``eval.topk`` labels with the dataset's filter pairs of those rows excluded (removed from the predictions only, the
+ground truth is untouched; the index fetches enough extra candidates). Metrics come from
+:mod:`vixml_ray.eval.metrics` with inverse propensities from the TRAINING split's label counts
+(``eval.propensity_a/b``), plus the contribution of each training-frequency decile of labels to P@k. Without an
+``index_dir`` the labels are first refreshed into a temporary index under ``cache_dir``.
+
+The output directory (published atomically) holds ``metrics.json``, ``metrics.md``, ``metrics.png``,
+``predictions.parquet`` (:data:`~vixml_ray.data.schema.PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from vixml_ray import storage
+from vixml_ray.config import Config, ConfigError, save_config
+from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.data.schema import PREDICTIONS_SCHEMA
+from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
+from vixml_ray.eval.report import write_report
+from vixml_ray.index import ShardedIndex, read_manifest
+from vixml_ray.index.refresh import check_embedded_by, refresh_labels
+from vixml_ray.ray_utils import init_ray
+from vixml_ray.serve.batch import embed_split
+from vixml_ray.serve.export import Export, FeatureCache, absolute_uri, feature_cache, read_export
+
+METRICS_FILE, PREDICTIONS_FILE, CONFIG_FILE = "metrics.json", "predictions.parquet", "config.yaml"
+NUM_DECILES = 10
+
+
+# ---------------------------------------------------------------------------------------------------- retrieval
+def rows_pairs(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The (position in ``rows``, label) pairs of ``rows`` among ``pairs`` ((row, label), sorted by row)."""
+    lo = np.searchsorted(pairs[:, 0], rows, side="left")
+    counts = np.searchsorted(pairs[:, 0], rows, side="right") - lo
+    total = int(counts.sum())
+    starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    picked = pairs[starts + np.arange(total), 1] if total else np.empty(0, dtype=np.int64)
+    return np.stack([np.repeat(np.arange(len(rows)), counts), picked], axis=1)
+
+
+def retrieve(cfg: Config, export: Export, dataset: Dataset, features: FeatureCache | None,
+             index: ShardedIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``eval.topk`` (ids int64, scores float32) of every test row, filter pairs removed; -1/-inf padding."""
+    n, topk = dataset.num_test, cfg.eval.topk
+    ids = np.full((n, topk), -1, dtype=np.int64)
+    scores = np.full((n, topk), -np.inf, dtype=np.float32)
+    pairs = dataset.filter_pairs()
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    seen = np.zeros(n, dtype=bool)
+    queries = embed_split(cfg, export, dataset, "test", features)
+    for batch in queries.iter_batches(batch_size=cfg.infer.rows_per_batch, batch_format="numpy"):
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        result = index.search(batch["embedding"], topk, exclude=rows_pairs(pairs, rows))
+        ids[rows], scores[rows] = result.ids, result.scores
+        seen[rows] = True
+    if not seen.all():
+        raise RuntimeError(f"{int((~seen).sum())} test queries came back without predictions")
+    return ids, scores
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+def precision_by_decile(ids: np.ndarray, truth: sp.csr_matrix, train_counts: np.ndarray, k: int,
+                        deciles: int = NUM_DECILES) -> list[dict[str, Any]]:
+    """Each label-frequency decile's contribution to P@k (they sum to P@k): labels sorted by training count,
+    most frequent first, cut into ``deciles`` groups of equal label count; a decile's value is P@k with every
+    prediction outside it counted as no prediction."""
+    num_labels = len(train_counts)
+    order = np.argsort(-train_counts, kind="stable")
+    group = np.empty(num_labels, dtype=np.int64)
+    group[order] = np.arange(num_labels) * deciles // max(num_labels, 1)
+    out = []
+    for d in range(deciles):
+        members = order[group[order] == d]
+        inside = (ids >= 0) & (group[np.maximum(ids, 0)] == d)
+        p_at_k = xmc_metrics(np.where(inside, ids, -1), truth, k)["P"][k - 1] if len(members) else 0.0
+        out.append({"decile": d + 1, "labels": int(len(members)),
+                    "min_count": int(train_counts[members].min()) if len(members) else 0,
+                    "max_count": int(train_counts[members].max()) if len(members) else 0,
+                    f"P@{k}": float(p_at_k)})
+    return out
+
+
+def score(cfg: Config, dataset: Dataset, ids: np.ndarray) -> dict[str, Any]:
+    """P, nDCG, PSP, PSnDCG, R at 1..eval.k and P@k by label-frequency decile."""
+    k = cfg.eval.k
+    train = dataset.label_matrix("train")
+    truth = dataset.label_matrix("test")
+    inv = inverse_propensity(train, cfg.eval.propensity_a, cfg.eval.propensity_b)
+    at_k = {name: [float(x) for x in values] for name, values in xmc_metrics(ids, truth, k, inv).items()}
+    train_counts = np.bincount(sp.csr_matrix(train).indices, minlength=dataset.num_labels)
+    return {
+        "k": k,
+        "metrics": {f"{name}@{j + 1}": values[j] for name, values in at_k.items() for j in range(k)},
+        "at_k": at_k,
+        "deciles": precision_by_decile(ids, truth, train_counts, k),
+        "propensity": {"a": cfg.eval.propensity_a, "b": cfg.eval.propensity_b, "from": "train label counts"},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+def _predictions_table(ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+    keep = ids >= 0
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return pa.Table.from_arrays([
+        pa.array(np.arange(len(ids), dtype=np.int64)),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[keep])),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[keep].astype(np.float32))),
+    ], schema=PREDICTIONS_SCHEMA)
+
+
+def read_predictions(out_uri: str) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """(rows, ranked label ids per row, their scores) from an evaluation output directory."""
+    fs, path = storage.filesystem(storage.join(storage.resolve(out_uri), PREDICTIONS_FILE))
+    table = pq.read_table(path, filesystem=fs)
+    return (table.column("row").to_numpy(), [np.asarray(x, dtype=np.int64) for x in table.column("labels").to_pylist()],
+            [np.asarray(x, dtype=np.float32) for x in table.column("scores").to_pylist()])
+
+
+@contextlib.contextmanager
+def _label_index(cfg: Config, export: Export, dataset: Dataset, index_dir: str | None) -> Iterator[tuple[str, Any]]:
+    """The given index, or a fresh refresh into a temporary index under ``cache_dir`` (removed afterwards)."""
+    if index_dir is not None:
+        yield absolute_uri(index_dir), None
+        return
+    temporary = storage.join(absolute_uri(cfg.cache_dir), f"eval-index-{uuid.uuid4().hex[:12]}")
+    try:
+        yield temporary, refresh_labels(export.uri, dataset.uri, temporary, cfg)
+    finally:
+        with contextlib.suppress(Exception):
+            storage.remove(temporary)
+
+
+def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | None = None, cfg: Config | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Evaluates the export on the dataset's test split; writes the outputs to ``out_uri``; returns the summary."""
+    started = time.perf_counter()
+    export = read_export(export_uri)
+    cfg = cfg or export.cfg
+    if cfg.eval.topk < cfg.eval.k:
+        raise ConfigError(f"'eval.topk'={cfg.eval.topk} must be at least 'eval.k'={cfg.eval.k}")
+    if storage.exists(out_uri) and not overwrite:
+        raise FileExistsError(f"output already exists: {out_uri} (remove it or pass --overwrite)")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    dataset = open_dataset(absolute_uri(dataset_uri))
+    features = feature_cache(cfg, export, dataset)
+    with _label_index(cfg, export, dataset, index_dir) as (index_uri, refresh):
+        manifest = read_manifest(index_uri)
+        check_embedded_by(manifest, export, index_uri)
+        if manifest.num_labels != dataset.num_labels:
+            raise ValueError(f"index version {manifest.version} of {index_uri} holds {manifest.num_labels} labels, "
+                             f"the dataset {dataset.uri} has {dataset.num_labels}")
+        t0 = time.perf_counter()
+        with ShardedIndex(index_uri, cfg.index, manifest.version) as index:
+            ids, scores = retrieve(cfg, export, dataset, features, index)
+        retrieve_s = time.perf_counter() - t0
+    result = {
+        **score(cfg, dataset, ids),
+        "counts": {"queries": dataset.num_test, "labels": dataset.num_labels,
+                   "filter_pairs": int(len(dataset.filter_pairs())), "topk": cfg.eval.topk},
+        "index": {"dir": index_dir, "version": manifest.version, "temporary": index_dir is None},
+        "export": export.identity(),
+        "dataset": {"uri": dataset.uri, "content_hash": dataset.manifest.get("content_hash")},
+        "timing": {"retrieve_s": round(retrieve_s, 3), "queries_per_s": round(dataset.num_test / retrieve_s, 2),
+                   "refresh": refresh},
+    }
+    with storage.publish(out_uri, overwrite=overwrite) as staging:
+        storage.write_json(storage.join(staging, METRICS_FILE), result)
+        fs, path = storage.filesystem(storage.join(staging, PREDICTIONS_FILE))
+        pq.write_table(_predictions_table(ids, scores), path, filesystem=fs)
+        write_report(result, staging)
+        save_config(cfg, storage.join(staging, CONFIG_FILE))
+    k = cfg.eval.k
+    shown = [f"{name}@{j}" for name in ("P", "nDCG", "PSP", "PSnDCG", "R") for j in sorted({1, 3, k}) if j <= k]
+    return {**{m: round(result["metrics"][m], 6) for m in shown}, "queries": dataset.num_test,
+            "queries_per_s": result["timing"]["queries_per_s"], "version": manifest.version,
+            "seconds": round(time.perf_counter() - started, 2), "out": out_uri}

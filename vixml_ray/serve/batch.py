@@ -1,0 +1,84 @@
+"""Embedding a dataset split (labels for the index, test queries for evaluation) with a trained export in Ray Data.
+
+``read_parquet(split: row, text) -> [keep rows] -> BatchEmbedder (actor pool, one model per actor) -> (row,
+embedding)``. Actors load the export once; each batch is tokenised (as in training: no special tokens, truncated to
+``model.max_length``), joined with its image features from the dataset's feature bank and embedded in model batches
+of ``infer.batch_size`` rows, sorted by length inside the Ray Data batch of ``infer.rows_per_batch`` rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from vixml_ray import storage
+from vixml_ray.config import Config, InferConfig
+from vixml_ray.data.dataset import Dataset
+from vixml_ray.model.embedder import load_export
+from vixml_ray.model.inference import embed_arrays
+from vixml_ray.model.tokens import tokenize
+from vixml_ray.serve.export import Export, FeatureCache, export_fingerprint
+
+
+def inference_device(infer: InferConfig) -> torch.device:
+    """CUDA when the actor was given GPUs (an error if it cannot see one), else CPU with its CPUs as threads."""
+    if infer.num_gpus_per_actor > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("infer.num_gpus_per_actor > 0 but this worker sees no CUDA device")
+        return torch.device("cuda")
+    torch.set_num_threads(max(1, int(infer.num_cpus_per_actor)))
+    return torch.device("cpu")
+
+
+class BatchEmbedder:
+    """Ray Data actor: ``{row, text}`` batches of ``split`` -> ``{row, embedding float32 [B, hidden]}``."""
+
+    def __init__(self, export_uri: str, fingerprint: str, split: str, infer: InferConfig,
+                 dataset_uri: str | None = None, feature_slug: str | None = None):
+        if export_fingerprint(export_uri) != fingerprint:
+            raise RuntimeError(f"the export at {export_uri} changed while the job ran (fingerprint mismatch)")
+        device = inference_device(infer)
+        self.embedder = load_export(export_uri).to(device).eval()
+        self.split = split
+        self.batch_size = infer.batch_size
+        self.bank = None
+        if feature_slug is not None:
+            from vixml_ray.vision.bank import FeatureBank
+
+            self.bank = FeatureBank.open(dataset_uri, feature_slug)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        tokens = tokenize(self.embedder.tokenizer, [str(t) for t in batch["text"]], self.embedder.cfg.model.max_length)
+        feats = mask = None
+        if self.bank is not None:
+            feats, mask = (t.numpy() for t in self.bank.get(self.split, rows))
+        embeddings = embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.batch_size)
+        return {"row": rows, "embedding": embeddings}
+
+
+def _keep_rows(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    selected = keep[np.asarray(batch["row"], dtype=np.int64)]
+    return {k: np.asarray(v)[selected] for k, v in batch.items()}
+
+
+def embed_split(cfg: Config, export: Export, dataset: Dataset, split: str, features: FeatureCache | None,
+                keep: np.ndarray | None = None) -> ray.data.Dataset:
+    """A (lazy) Ray Data dataset of ``{row, embedding}`` for the rows of ``split`` (only where ``keep[row]``, a
+    bool mask over the split, when given), in no particular order."""
+    fs, path = storage.filesystem(dataset.file_uri(split))
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["row", "text"])
+    if keep is not None:
+        ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": np.asarray(keep, dtype=bool)}, batch_format="numpy")
+    infer = cfg.infer
+    return ds.map_batches(
+        BatchEmbedder,
+        fn_constructor_kwargs={"export_uri": export.uri, "fingerprint": export.fingerprint, "split": split, "infer": infer, "dataset_uri": dataset.uri,
+                               "feature_slug": features.slug if features is not None else None},
+        batch_size=infer.rows_per_batch,
+        batch_format="numpy",
+        num_cpus=infer.num_cpus_per_actor,
+        num_gpus=infer.num_gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=infer.min_actors, max_size=infer.max_actors),
+    )

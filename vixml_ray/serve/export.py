@@ -1,0 +1,155 @@
+"""A trained inference export as the inference jobs (label refresh, evaluation, prediction) use it.
+
+* :func:`read_export`: the export's config, metadata and a content fingerprint (an index version records it, so a
+  query is never scored against labels embedded by another model);
+* :func:`job_config`: the config a job runs with: the export's own config (or ``--config``) with dotted overrides; the
+  settings that define the model (``model``, ``prompt``, the vision tower) must stay the export's;
+* :func:`feature_cache`: the dataset's image feature cache made by the export's vision tower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from vixml_ray import storage
+from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.data.dataset import Dataset
+from vixml_ray.model.embedder import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE
+
+# vision settings that change the image features a model was trained on (runtime knobs may differ)
+VISION_IDENTITY = ("backend", "model_name", "weights", "model_config", "image_size", "cache_dtype")
+# what a feature cache's recorded model must share with the export's vision config
+FEATURE_MODEL_KEYS = ("backend", "model_name", "weights", "image_size")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Export:
+    """An inference export directory (see :meth:`vixml_ray.model.embedder.Embedder.save_export`)."""
+
+    uri: str  # the resolved directory holding the files
+    cfg: Config  # the resolved config it was trained with
+    meta: dict[str, Any]  # export.json: image_dim, kind, hidden_size, ...
+    fingerprint: str  # SHA-256 over its files
+
+    @property
+    def image_dim(self) -> int | None:
+        return self.meta.get("image_dim")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def uses_images(self) -> bool:
+        return self.image_dim is not None
+
+    def identity(self) -> dict[str, Any]:
+        """What an index version records about the model that embedded its labels."""
+        return {"uri": self.uri, "fingerprint": self.fingerprint, "model": self.cfg.model.name_or_path,
+                "kind": self.meta.get("kind"), "hidden_size": self.hidden_size, "image_dim": self.image_dim}
+
+
+def absolute_uri(uri: str) -> str:
+    """A URI as is, a local path made absolute (Ray workers do not share the driver's working directory)."""
+    return uri if "://" in uri else storage.filesystem(uri)[1]
+
+
+def export_fingerprint(root: str) -> str:
+    """SHA-256 over the export's config, metadata and weights, streamed."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE):
+        fs, path = storage.filesystem(storage.join(root, name))
+        digest.update(name.encode("utf-8") + b"\0")
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_config_file(uri: str, overrides: Sequence[str] = ()) -> Config:
+    if storage.is_local(uri):
+        return load_config(storage.filesystem(uri)[1], overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / CONFIG_FILE
+        local.write_text(storage.read_text(uri), encoding="utf-8")
+        return load_config(local, overrides)
+
+
+def read_export(uri: str) -> Export:
+    """The export at ``uri`` (a published directory: its ``CURRENT`` pointer is followed)."""
+    root = storage.resolve(absolute_uri(str(uri)))
+    missing = [n for n in (CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE) if not storage.exists(storage.join(root, n))]
+    if missing:
+        raise FileNotFoundError(f"{uri}: not an inference export (missing {', '.join(missing)})")
+    meta = storage.read_json(storage.join(root, EXPORT_FILE))
+    return Export(root, _load_config_file(storage.join(root, CONFIG_FILE)), meta, export_fingerprint(root))
+
+
+def _differences(prefix: str, ours: Any, theirs: Any, keys: Sequence[str] | None = None) -> list[str]:
+    a = OmegaConf.to_container(OmegaConf.structured(ours))
+    b = OmegaConf.to_container(OmegaConf.structured(theirs))
+    return [f"'{prefix}.{k}': {a[k]!r} (the export has {b[k]!r})" for k in (keys or a) if a[k] != b[k]]
+
+
+def job_config(export: Export, config_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The export's config (or the preset ``config_path``) with dotted ``overrides``.
+
+    Jobs may change runtime settings (``index``, ``eval``, ``infer``, ``ray``, vision batch sizes, ...), never what
+    defines the model: ``model``, ``prompt`` and the vision tower must equal the export's (a ConfigError names
+    every key that differs).
+    """
+    cfg = load_config(config_path, overrides) if config_path else _load_config_file(
+        storage.join(export.uri, CONFIG_FILE), overrides)
+    diffs = (_differences("model", cfg.model, export.cfg.model) + _differences("prompt", cfg.prompt, export.cfg.prompt)
+             + _differences("vision", cfg.vision, export.cfg.vision, VISION_IDENTITY))
+    if diffs:
+        raise ConfigError(f"the model, prompt and vision tower come from the export {export.uri}; the job config "
+                          f"changes {'; '.join(diffs)}")
+    return cfg
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A dataset's image feature cache: its slug and the dataset manifest's entry (path, dim, dtype, model)."""
+
+    slug: str
+    info: dict[str, Any]
+
+    def identity(self) -> dict[str, Any]:
+        return {"slug": self.slug, "dim": int(self.info["dim"]), "dtype": self.info["dtype"],
+                "model": self.info.get("model", {})}
+
+
+def check_feature_model(recorded: dict[str, Any], cfg: Config, where: str) -> None:
+    """Raises unless the recorded feature model (a cache's ``model`` entry) is the vision tower of ``cfg``."""
+    wrong = [f"{k}: {recorded.get(k)!r} vs {getattr(cfg.vision, k)!r}" for k in FEATURE_MODEL_KEYS
+             if recorded.get(k) != getattr(cfg.vision, k)]
+    if wrong:
+        raise ConfigError(f"{where}: image features were made by another vision model than the export's "
+                          f"'vision' config ({'; '.join(wrong)})")
+
+
+def feature_cache(cfg: Config, export: Export, dataset: Dataset) -> FeatureCache | None:
+    """The dataset's feature cache of the export's vision tower (None for a text-only model)."""
+    if not export.uses_images:
+        return None
+    from vixml_ray.vision.towers import feature_slug  # torch/open_clip: only for image models
+
+    slug = feature_slug(cfg.vision)
+    caches = dataset.features()
+    if slug not in caches:
+        raise ConfigError(f"{dataset.uri}: no image feature cache '{slug}' for the export's vision config (caches: "
+                          f"{sorted(caches)}); run jobs/embed_images.py with the training config first")
+    info = caches[slug]
+    if int(info["dim"]) != export.image_dim:
+        raise ConfigError(f"{dataset.uri}: feature cache '{slug}' has dim {info['dim']}, the export's image "
+                          f"projection expects {export.image_dim}")
+    check_feature_model(info.get("model", {}), cfg, f"{dataset.uri} feature cache '{slug}'")
+    return FeatureCache(slug, dict(info))
