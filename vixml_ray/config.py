@@ -89,7 +89,7 @@ class VisionConfig:
     rows_per_shard: int = bounded(4096, 1)
     http_timeout_s: float = bounded(20.0, 0.1)
     http_retries: int = bounded(3, 0)
-    http_per_host_limit: int = bounded(8, 1)
+    http_per_host_limit: int = bounded(8, 1)  # concurrent requests to one host per decode worker process
     download_cache: Optional[str] = None  # local dir for downloaded image bytes; None = <cache_dir>/downloads
     slug: Optional[str] = None  # feature cache folder under <dataset>/features/; None = derived from the model
     decode_batch_size: int = bounded(32, 1)  # images per decode/preprocess batch (and per input block)
@@ -229,6 +229,27 @@ class RayConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A Ray Tune sweep over training choices (``jobs/sweep.py``, :mod:`vixml_ray.tune`): every trial is one Ray Train
+    run of this config with the trial's choices applied; ASHA stops the weak ones early. ``space`` maps dotted config
+    keys to one spec each: ``{grid: [v, ...]}``, ``{choice: [v, ...]}``, ``{uniform: [low, high]}``,
+    ``{loguniform: [low, high]}``, ``{randint: [low, high]}`` or ``{same_as: other.key}``; it is merged onto the named
+    ``presets`` (:data:`vixml_ray.tune.presets.PRESETS`)."""
+
+    name: str = "sweep"  # experiment folder under ray.storage_path (else out_dir); the same name resumes it
+    presets: list[str] = field(default_factory=list)
+    space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = bounded(1, 1)  # repeats of the grid; each repeat draws the random specs anew
+    metric: str = "val_P@1"  # a per-epoch metric of the training loop
+    mode: str = choice("max", "max", "min")
+    grace_period: int = bounded(1, 1)  # epochs every trial trains before ASHA may stop it
+    reduction_factor: float = bounded(2.0, 1.01)  # ASHA keeps the best 1/reduction_factor of trials at each rung
+    max_concurrent: Optional[int] = bounded(None, 1)  # cap on running trials; the cluster's free resources cap it too
+    reserve_cpus: float = bounded(0.0, 0.0)  # CPUs no trial may take (left to Ray Data and other jobs)
+    trial_memory_mb: int = bounded(256, 1)  # what each trial's driver (no CPU) reserves; its workers come on top
+
+
+@dataclass
 class Config:
     out_dir: str = "outputs"
     cache_dir: str = ".cache/vixml"
@@ -241,6 +262,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 PROMPT_PARTS = ("T1", "T2", "I1", "I2", "E", "V", "EOS")

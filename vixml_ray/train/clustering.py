@@ -96,20 +96,20 @@ def _split_small_nodes(
     block = x[rows]  # [nodes, width, dim]; padded slots repeat the node's first row and are masked
     n_left = (mids - starts).astype(np.float32)
     n_right = sizes.astype(np.float32) - n_left
-    total = np.matmul(valid[:, None, :].astype(np.float32), block)[:, 0]
+    total = np.einsum("nw,nwd->nd", valid.astype(np.float32), block)
     node = np.arange(len(sizes))
     c0, c1 = block[node, init[0]], block[node, init[1]]
     for it in range(iters):
         w = c0 - c1
         bias = 0.5 * (np.einsum("nd,nd->n", c0, c0) - np.einsum("nd,nd->n", c1, c1))
-        score = np.matmul(block, w[:, :, None])[:, :, 0] - bias[:, None]
+        score = np.einsum("nwd,nd->nw", block, w) - bias[:, None]
         score[~valid] = -np.inf
         ranked = np.argsort(-score, axis=1, kind="stable")  # closest to c0 first; padding last
         if it == iters - 1:
             break
         left = np.zeros_like(valid)
         np.put_along_axis(left, ranked, offsets[None, :] < (mids - starts)[:, None], axis=1)
-        left_sum = np.matmul(left[:, None, :].astype(np.float32), block)[:, 0]
+        left_sum = np.einsum("nw,nwd->nd", left.astype(np.float32), block)
         c0 = left_sum / n_left[:, None]
         c1 = (total - left_sum) / n_right[:, None]
     new_rows = np.take_along_axis(rows, ranked, axis=1)

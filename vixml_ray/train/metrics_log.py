@@ -24,14 +24,24 @@ class MetricsLog:
         self.run_dir = run_dir
         self.local_dir = run_dir if storage.is_local(run_dir) else tempfile.mkdtemp(prefix="vixml-metrics-")
         os.makedirs(self.local_dir, exist_ok=True)
+        remote = storage.join(run_dir, METRICS_FILE)
+        if self.local_dir != run_dir and storage.exists(remote):  # a resumed run continues the remote log
+            with open(os.path.join(self.local_dir, METRICS_FILE), "w", encoding="utf-8") as f:
+                f.write(storage.read_text(remote))
         self.history: list[dict[str, Any]] = _read_history(os.path.join(self.local_dir, METRICS_FILE))
         self.writer = SummaryWriter(os.path.join(self.local_dir, TENSORBOARD_DIR))
 
     def append(self, metrics: dict[str, Any]) -> None:
+        """Adds one report. A run restarted from a checkpoint reports again the epochs after it: their lines from
+        the lost attempt (``step`` >= this one's) are dropped, so the log holds each epoch once."""
+        step = int(metrics.get("step", len(self.history) + 1))
+        replay = any(int(h.get("step", 0)) >= step for h in self.history)
+        if replay:
+            self.history = [h for h in self.history if int(h.get("step", 0)) < step]
         self.history.append(dict(metrics))
-        with open(os.path.join(self.local_dir, METRICS_FILE), "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics, sort_keys=True, default=float) + "\n")
-        step = int(metrics.get("step", len(self.history)))
+        with open(os.path.join(self.local_dir, METRICS_FILE), "w" if replay else "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(h, sort_keys=True, default=float) + "\n"
+                         for h in (self.history if replay else self.history[-1:]))
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                 self.writer.add_scalar(key.replace("@", "_at_"), float(value), step)

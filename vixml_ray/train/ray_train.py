@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Sequence
 
 import torch
@@ -85,8 +86,11 @@ def _worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     runtime = RayTrainRuntime(config["run_dir"])
+    start = time.perf_counter()
     try:
         summary = train_loop(cfg, runtime, make_engine)
+        # the worker's whole loop (inputs, model, epochs, evaluation, export): the rest of fit() is Ray's start-up
+        summary["loop_s"] = time.perf_counter() - start
         if dist.rank() == 0:
             storage.write_json(storage.join(config["run_dir"], SUMMARY), summary)
             if runtime.metrics_log is not None:

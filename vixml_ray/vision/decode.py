@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 WHITE = (255, 255, 255, 255)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 @dataclass
@@ -31,8 +32,7 @@ class Decoded:
 
 
 def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode in ("P", "L", "RGB") and
-                                                               "transparency" in img.info)
+    return img.mode in ALPHA_MODES or "transparency" in img.info  # the latter: a transparent palette/grey/RGB colour
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -65,7 +65,7 @@ def decode_rgb(data: bytes) -> Decoded:
         return Decoded(None, "too_large")
     except UnidentifiedImageError:
         return Decoded(None, "corrupt")
-    except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow's decoders raise on bad data
+    except Exception as err:  # noqa: BLE001 - Pillow's format plugins raise many types on malformed bytes
         return Decoded(None, "truncated" if "truncated" in str(err).lower() else "corrupt")
     if rgb.width == 0 or rgb.height == 0:
         return Decoded(None, "corrupt")

@@ -1,7 +1,7 @@
 """Reading image bytes from local paths, ``pyarrow.fs`` URIs (s3://, gs://, hdfs://, file://) and HTTP(S) URLs.
 
 HTTP goes through one ``requests`` session per process: urllib3 retries transient failures (connection errors,
-timeouts, 429 and 5xx, with exponential back-off and ``Retry-After``), every request has a timeout, and each host's
+timeouts, 429 and 5xx, with exponential back-off), every request has a timeout, and each host's
 connection pool is blocking with ``per_host_limit`` connections, so no process opens more than that many concurrent
 requests to one host. Downloaded bytes are cached on local disk under the SHA-256 of the URL.
 
@@ -126,7 +126,7 @@ class Fetcher:
                 status_forcelist=RETRY_STATUS,
                 allowed_methods=frozenset({"GET"}),
                 raise_on_status=False,
-                respect_retry_after_header=True,
+                respect_retry_after_header=False,  # exponential back-off only: a long Retry-After would stall
             )
             adapter = HTTPAdapter(
                 pool_connections=64,  # hosts whose pools are kept
@@ -154,7 +154,7 @@ class Fetcher:
         try:
             response = self._http().get(url, timeout=self.options.timeout_s)
             data = response.content
-        except requests.RequestException as err:
+        except (requests.RequestException, ValueError) as err:  # network errors, timeouts, malformed URLs
             raise FetchError("unreachable", url, f"{type(err).__name__}: {err}") from None
         if response.status_code in MISSING_STATUS:
             raise FetchError("missing", url, f"HTTP {response.status_code}")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from vixml_ray.config import VisionConfig
 
+STUB_TEXT = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
 _REGISTERED: dict[str, str] = {}  # custom architectures registered in this process: name -> config JSON
 
 
@@ -54,15 +55,14 @@ def _create(v: VisionConfig, device: str, load_weights: bool) -> torch.nn.Module
         name, pretrained = v.weights, None
     elif v.weights is not None and os.path.isdir(v.weights):
         name, pretrained = f"local-dir:{os.path.abspath(v.weights)}", None
-    return open_clip.create_model(
-        name,
-        pretrained=pretrained,
-        load_weights=load_weights,
-        device=device,
-        pretrained_text=False,
-        force_image_size=v.image_size,
-        require_pretrained=v.weights is not None and load_weights,
-    )
+    loads = v.weights is not None and load_weights
+    # Without a checkpoint to load, the text tower (unused here, and often larger than the image tower: SigLIP2's
+    # has a 256k-token embedding) is built as a 1-layer stub; the image tower is built first, so its seeded random
+    # weights are the same either way.
+    stub = {} if loads else {"text_cfg": STUB_TEXT}
+    return open_clip.create_model(name, pretrained=pretrained, load_weights=load_weights, device=device,
+                                  pretrained_text=False, force_image_size=v.image_size, require_pretrained=loads,
+                                  **stub)
 
 
 def preprocess_config(v: VisionConfig) -> dict[str, Any]:

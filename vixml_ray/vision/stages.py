@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ def _blank_inputs(preprocess: Preprocessor) -> dict[str, np.ndarray]:
     return {k: np.zeros_like(v) for k, v in out.items()}
 
 
-def _preprocess_each(preprocess: Preprocessor, images: list[Image.Image]) -> list[Any]:
+def _preprocess_each(preprocess: Preprocessor,
+                     images: list[Image.Image]) -> list[Optional[dict[str, np.ndarray]]]:
     """Per-image preprocessing, an image's failure isolated to it (``None``)."""
     out = []
     for img in images:
@@ -92,10 +93,10 @@ class EmbedActor:
         reason = np.asarray(batch["reason"], dtype=object).copy()
         embedding = np.zeros((len(valid), self.tower.dim), dtype=self.cache_dtype)
         if valid.any():
-            vectors = self.tower.embed({k: batch[k][valid] for k in self.input_names})
-            finite = np.isfinite(vectors).all(axis=1)
+            vectors = self.tower.embed({k: batch[k][valid] for k in self.input_names}).astype(self.cache_dtype)
+            finite = np.isfinite(vectors).all(axis=1)  # NaN from the model, or overflow of a float16 cache
             rows = np.flatnonzero(valid)
-            embedding[rows[finite]] = vectors[finite].astype(self.cache_dtype)
+            embedding[rows[finite]] = vectors[finite]
             valid[rows[~finite]] = False
             reason[rows[~finite]] = "non_finite"
         return {**{k: batch[k] for k in KEYS}, "valid": valid, "reason": reason, "converted": batch["converted"],

@@ -1,0 +1,150 @@
+"""Steady-state training throughput: the Ray Train loop (1 worker given all CPUs) against a plain single-process
+PyTorch loop running the same step function on the same model, data and threads, in the same run.
+
+Both train the ``tiny`` preset (a 2-layer Qwen2 with LoRA and early image fusion, its synthetic multimodal data)
+on random global batches: the Ray side is the production path (``make_trainer`` -> TorchTrainer -> the per-worker
+loop, DDP engine on one worker), the plain side a ``for`` loop over ``make_step_batch`` + ``train_step`` in this
+process. The first epoch of each is warm-up; samples/s = queries / seconds of the step loop over the later epochs
+(the Ray loop times its epochs the same way: validation, reports and checkpoints fall outside). The plain loop runs
+before and after the Ray run: their spread shows the machine's noise. Ray's start-up (``ray.init``, the Train
+controller, worker group and process group, teardown) is reported apart as ``startup_s`` = ``ray.init`` time +
+``fit()`` wall time - the worker loop's own time.
+
+    python bench/train.py [--quick] [--threads N]
+
+Last line: JSON with ``ray_samples_per_s``, ``plain_samples_per_s``, ``ratio`` (target >= 0.95) and ``startup_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vixml_ray.config import Config, load_config  # noqa: E402
+from vixml_ray.model import build_embedder, load_tokenizer  # noqa: E402
+from vixml_ray.pipeline import ensure_dataset  # noqa: E402
+from vixml_ray.ray_utils import init_ray  # noqa: E402
+from vixml_ray.train.engine import TorchEngine  # noqa: E402
+from vixml_ray.train.inputs import load_inputs  # noqa: E402
+from vixml_ray.train.loss import TripletLossConfig  # noqa: E402
+from vixml_ray.train.metrics_log import METRICS_FILE  # noqa: E402
+from vixml_ray.train.positives import PositiveSampler  # noqa: E402
+from vixml_ray.train.ray_train import make_trainer, read_summary  # noqa: E402
+from vixml_ray.train.sampler import GlobalBatchSampler  # noqa: E402
+from vixml_ray.train.step import make_step_batch, train_step  # noqa: E402
+
+WARMUP_EPOCHS = 1
+
+
+def bench_config(out_dir: str, cache_dir: str, threads: int, epochs: int, num_train: int) -> Config:
+    """The tiny preset on one worker with every thread, random batches throughout (no clustering epochs), and
+    validation and checkpoints only at the end."""
+    return load_config("tiny", [
+        f"out_dir={out_dir}", f"cache_dir={cache_dir}", f"data.synthetic.num_train={num_train}",
+        f"train.epochs={epochs}", f"train.cluster.start_epoch={epochs}", f"train.eval_every_epochs={epochs}",
+        f"train.checkpoint_every_epochs={epochs}", "train.num_workers=1", f"train.cpus_per_worker={threads}",
+        "train.max_failures=0", f"ray.num_cpus={threads}",
+    ])
+
+
+def steady_rate(history: list[dict]) -> float:
+    """Queries per second of the step loop over the epochs after the warm-up."""
+    measured = [h for h in history if h["epoch"] >= WARMUP_EPOCHS]
+    if not measured:
+        raise ValueError("no epoch after the warm-up: use --epochs >= 2")
+    return sum(h["samples_per_s"] * h["epoch_s"] for h in measured) / sum(h["epoch_s"] for h in measured)
+
+
+def plain_loop(cfg: Config, threads: int) -> float:
+    """The same model, data, batches and step function as the Ray worker, in a plain loop in this process."""
+    torch.set_num_threads(threads)
+    train, device = cfg.train, torch.device("cpu")
+    torch.manual_seed(train.seed)
+    inputs = load_inputs(cfg, load_tokenizer(cfg.model, cfg.cache_dir))
+    embedder = build_embedder(cfg, inputs.image_dim)
+    positives = PositiveSampler(inputs.train_labels, train.seed)
+    sampler = GlobalBatchSampler(np.intersect1d(inputs.train_rows, positives.rows_with_labels()), train.batch_size,
+                                 train.seed)
+    total = sum(sampler.num_batches(epoch, None) for epoch in range(train.epochs))
+    engine = TorchEngine(embedder, train, total, device)
+    loss_cfg = TripletLossConfig.from_train(train)
+    history = []
+    for epoch in range(train.epochs):
+        batches, sampled = sampler.epoch_batches(epoch), positives.sample(epoch)
+        queries, start = 0, time.perf_counter()
+        for rows in batches:
+            batch = make_step_batch(rows, sampled, inputs.train_labels, inputs.tokens["train"],
+                                    inputs.tokens["label"], inputs.images, train.embed_chunk_rows, device)
+            train_step(engine, batch, loss_cfg)
+            queries += batch.num_queries
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch, "samples_per_s": queries / seconds, "epoch_s": seconds})
+    return steady_rate(history)
+
+
+def ray_loop(cfg: Config) -> tuple[float, float, int]:
+    """(steady samples/s, fit() wall seconds minus the worker loop's own, steps per epoch) of the Ray Train run."""
+    trainer, run_dir = make_trainer(cfg, "bench")
+    start = time.perf_counter()
+    trainer.fit()
+    fit_s = time.perf_counter() - start
+    summary = read_summary(run_dir)
+    history = [json.loads(line) for line in Path(run_dir, METRICS_FILE).read_text().splitlines()]
+    return steady_rate(history), fit_s - summary["loop_s"], summary["steps"] // cfg.train.epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1200 training items and 3 epochs (2 measured)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs of the worker = torch threads")
+    parser.add_argument("--epochs", type=int, default=None, help="default 3 with --quick, else 5")
+    parser.add_argument("--num-train", type=int, default=None, help="default 1200 with --quick, else 4800")
+    parser.add_argument("--cache-dir", default=".cache/vixml", help="where the synthetic dataset is kept")
+    args = parser.parse_args()
+    epochs = args.epochs or (3 if args.quick else 5)
+    num_train = args.num_train or (1200 if args.quick else 4800)
+
+    out_dir = tempfile.mkdtemp(prefix="vixml-bench-train-")
+    try:
+        cfg = bench_config(out_dir, os.path.abspath(args.cache_dir), args.threads, epochs, num_train)
+        start = time.perf_counter()
+        init_ray(num_cpus=args.threads, local_only=True)
+        init_s = time.perf_counter() - start
+        cfg = ensure_dataset(cfg)  # generated and image-embedded on first use, then reused
+        before = plain_loop(cfg, args.threads)
+        print(f"plain loop: {before:.1f} samples/s", flush=True)
+        ray_rate, ray_extra_s, steps = ray_loop(cfg)
+        print(f"Ray Train loop: {ray_rate:.1f} samples/s", flush=True)
+        after = plain_loop(cfg, args.threads)
+        print(f"plain loop again: {after:.1f} samples/s", flush=True)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    plain = (before + after) / 2
+    print(json.dumps({
+        "ray_samples_per_s": round(ray_rate, 1),
+        "plain_samples_per_s": round(plain, 1),
+        "ratio": round(ray_rate / plain, 3),
+        "startup_s": round(init_s + ray_extra_s, 1),
+        "plain_runs": [round(before, 1), round(after, 1)],
+        "threads": args.threads,
+        "epochs_measured": epochs - WARMUP_EPOCHS,
+        "steps_per_epoch": steps,
+        "batch_size": cfg.train.batch_size,
+        "num_train": num_train,
+    }))
+
+
+if __name__ == "__main__":
+    main()
