@@ -38,11 +38,12 @@ from vixml_ray.pipeline import ensure_dataset  # noqa: E402
 from vixml_ray.ray_utils import init_ray  # noqa: E402
 from vixml_ray.train.engine import TorchEngine  # noqa: E402
 from vixml_ray.train.inputs import load_inputs  # noqa: E402
+from vixml_ray.train.loop import planned_steps  # noqa: E402
 from vixml_ray.train.loss import TripletLossConfig  # noqa: E402
 from vixml_ray.train.metrics_log import METRICS_FILE  # noqa: E402
 from vixml_ray.train.positives import PositiveSampler  # noqa: E402
 from vixml_ray.train.ray_train import make_trainer, read_summary  # noqa: E402
-from vixml_ray.train.sampler import GlobalBatchSampler  # noqa: E402
+from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler  # noqa: E402
 from vixml_ray.train.step import make_step_batch, train_step  # noqa: E402
 
 WARMUP_EPOCHS = 1
@@ -77,8 +78,7 @@ def plain_loop(cfg: Config, threads: int) -> float:
     positives = PositiveSampler(inputs.train_labels, train.seed)
     sampler = GlobalBatchSampler(np.intersect1d(inputs.train_rows, positives.rows_with_labels()), train.batch_size,
                                  train.seed)
-    total = sum(sampler.num_batches(epoch, None) for epoch in range(train.epochs))
-    engine = TorchEngine(embedder, train, total, device)
+    engine = TorchEngine(embedder, train, planned_steps(sampler, ClusterSchedule(train.cluster), train.epochs), device)
     loss_cfg = TripletLossConfig.from_train(train)
     history = []
     for epoch in range(train.epochs):

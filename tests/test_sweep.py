@@ -40,6 +40,7 @@ def test_presets_merge_in_order_and_space_wins() -> None:
     assert params["prompt.sequence"] == {"grid_search": PROMPT_ABLATION}
     assert params["model.lora.r"] == {"grid_search": [4, 8]}
     assert "model.lora.alpha" not in params  # same_as is derived per trial, not sampled
+    assert space.num_trials(num_samples=2) == 7 * 2 * 2
     choices = space.choices({"prompt.sequence": ["E"], "model.lora.r": 8})
     assert choices == {"prompt.sequence": ["E"], "model.lora.r": 8, "model.lora.alpha": 8}
 

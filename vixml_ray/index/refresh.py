@@ -1,14 +1,14 @@
 """Label refresh: embed every label with a trained export into a new immutable index version, then make it current.
 
-Three Ray Data passes, joined by the driver's small per-label table (row, uid, text, content hash):
+Three steps, joined by the driver's per-label table (row, uid, text, content hash):
 
-1. hash (tasks): a content hash per label over its text and its image features (mask + vectors, from the feature
-   bank), so a label whose text or images changed gets a new hash;
+1. hash (driver, streamed): a content hash per label over its text and its image features (mask + vectors, from
+   the memory-mapped feature bank), so a label whose text or images changed gets a new hash;
 2. plan (driver): a full refresh embeds every label; ``incremental`` carries a label over from the current version
    when that version was embedded by the same export (fingerprint) and holds a label with the same uid and hash;
-3. embed + write: changed labels through the :class:`~vixml_ray.serve.batch.BatchEmbedder` actor pool, carried
-   labels read from the base version's parquet parts and renumbered, both into ``part-*.parquet`` shards of
-   ``infer.rows_per_part`` rows written by tasks through :class:`~vixml_ray.index.versions.VersionWriter`.
+3. embed + write (Ray Data): changed labels through the :class:`~vixml_ray.serve.batch.BatchEmbedder` actor pool,
+   carried labels read from the base version's parquet parts and renumbered, both into ``part-*.parquet`` shards
+   of ``infer.rows_per_part`` rows written by tasks through :class:`~vixml_ray.index.versions.VersionWriter`.
 
 Before the commit the version directory also gets ``labels.parquet`` (:data:`LABELS_FILE`: row, uid, text,
 content_hash, source_version = the version that embedded the label; names for the predictor, hashes for the next
@@ -20,7 +20,6 @@ and the current version keeps serving.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import time
@@ -55,36 +54,27 @@ CONFIG_FILE = "config.yaml"
 
 
 # ------------------------------------------------------------------------------------------------------- hashing
-@functools.lru_cache(maxsize=4)
-def _bank(dataset_uri: str, slug: str) -> Any:
-    from vixml_ray.vision.bank import FeatureBank
-
-    return FeatureBank.open(dataset_uri, slug)
-
-
-def _hash_batch(batch: dict[str, np.ndarray], dataset_uri: str, slug: str | None) -> dict[str, np.ndarray]:
-    """``{row, uid, text}`` -> the same plus ``content_hash`` (hex BLAKE2b-128 of text, image mask and features)."""
-    rows = np.asarray(batch["row"], dtype=np.int64)
-    texts = [str(t) for t in batch["text"]]
-    images: list[bytes] = [b""] * len(rows)
-    if slug is not None:
-        feats, mask = (t.numpy() for t in _bank(dataset_uri, slug).get("label", rows))
-        images = [m.tobytes() + f.tobytes() for m, f in zip(mask, feats)]
-    hashes = [hashlib.blake2b(t.encode("utf-8") + b"\0" + i, digest_size=16).hexdigest()
-              for t, i in zip(texts, images)]
-    return {"row": rows, "uid": batch["uid"], "text": batch["text"], "content_hash": np.asarray(hashes, dtype=object)}
-
-
 def label_hashes(cfg: Config, dataset: Dataset, features: FeatureCache | None) -> pa.Table:
-    """(row, uid, text, content_hash) of every label, sorted by row (a Ray Data task pass over the labels)."""
-    fs, path = storage.filesystem(dataset.file_uri("label"))
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["row", "uid", "text"]).map_batches(
-        _hash_batch, fn_kwargs={"dataset_uri": dataset.uri, "slug": features.slug if features else None},
-        batch_size=cfg.infer.rows_per_batch, batch_format="numpy")
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
+    """(row, uid, text, content_hash) of every label in row order; the hash is the hex BLAKE2b-128 of the text, the
+    image mask and the image features (streamed from the labels file and the memory-mapped feature bank)."""
+    bank = None
+    if features is not None:
+        from vixml_ray.vision.bank import FeatureBank
+
+        bank = FeatureBank.open(dataset.uri, features.slug)
+    parts = []
+    for batch in dataset.iter_batches("label", ["row", "uid", "text"], batch_rows=cfg.infer.rows_per_batch):
+        rows = batch.column("row").to_numpy()
+        images = [b""] * len(rows)
+        if bank is not None:
+            feats, mask = (t.numpy() for t in bank.get("label", rows))
+            images = [m.tobytes() + f.tobytes() for m, f in zip(mask, feats)]
+        hashes = [hashlib.blake2b(t.encode("utf-8") + b"\0" + i, digest_size=16).hexdigest()
+                  for t, i in zip(batch.column("text").to_pylist(), images)]
+        parts.append(pa.Table.from_batches([batch]).append_column("content_hash", pa.array(hashes, pa.string())))
+    if not parts:
         raise ValueError(f"{dataset.file_uri('label')}: no labels to embed")
-    table = pa.concat_tables(tables).select(["row", "uid", "text", "content_hash"]).sort_by("row").combine_chunks()
+    table = pa.concat_tables(parts).combine_chunks()
     if not np.array_equal(table.column("row").to_numpy(), np.arange(dataset.num_labels)):
         raise ValueError(f"{dataset.file_uri('label')}: label rows must be 0..{dataset.num_labels - 1} in order")
     return table

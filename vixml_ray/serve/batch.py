@@ -22,12 +22,11 @@ from vixml_ray.serve.export import Export, FeatureCache, export_fingerprint
 
 
 def inference_device(infer: InferConfig) -> torch.device:
-    """CUDA when the actor was given GPUs (an error if it cannot see one), else CPU with its CPUs as threads."""
+    """CUDA when ``infer.num_gpus_per_actor > 0`` (an error if this process cannot see a GPU), else CPU."""
     if infer.num_gpus_per_actor > 0:
         if not torch.cuda.is_available():
-            raise RuntimeError("infer.num_gpus_per_actor > 0 but this worker sees no CUDA device")
+            raise RuntimeError("infer.num_gpus_per_actor > 0 but this process sees no CUDA device")
         return torch.device("cuda")
-    torch.set_num_threads(max(1, int(infer.num_cpus_per_actor)))
     return torch.device("cpu")
 
 
@@ -39,6 +38,8 @@ class BatchEmbedder:
         if export_fingerprint(export_uri) != fingerprint:
             raise RuntimeError(f"the export at {export_uri} changed while the job ran (fingerprint mismatch)")
         device = inference_device(infer)
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(infer.num_cpus_per_actor)))
         self.embedder = load_export(export_uri).to(device).eval()
         self.split = split
         self.batch_size = infer.batch_size
@@ -74,7 +75,8 @@ def embed_split(cfg: Config, export: Export, dataset: Dataset, split: str, featu
     infer = cfg.infer
     return ds.map_batches(
         BatchEmbedder,
-        fn_constructor_kwargs={"export_uri": export.uri, "fingerprint": export.fingerprint, "split": split, "infer": infer, "dataset_uri": dataset.uri,
+        fn_constructor_kwargs={"export_uri": export.uri, "fingerprint": export.fingerprint, "split": split,
+                               "infer": infer, "dataset_uri": dataset.uri,
                                "feature_slug": features.slug if features is not None else None},
         batch_size=infer.rows_per_batch,
         batch_format="numpy",

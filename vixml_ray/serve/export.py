@@ -98,19 +98,22 @@ def _differences(prefix: str, ours: Any, theirs: Any, keys: Sequence[str] | None
     return [f"'{prefix}.{k}': {a[k]!r} (the export has {b[k]!r})" for k in (keys or a) if a[k] != b[k]]
 
 
-def job_config(export: Export, config_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+def job_config(export_uri: str, config_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """The export's config (or the preset ``config_path``) with dotted ``overrides``.
 
     Jobs may change runtime settings (``index``, ``eval``, ``infer``, ``ray``, vision batch sizes, ...), never what
     defines the model: ``model``, ``prompt`` and the vision tower must equal the export's (a ConfigError names
     every key that differs).
     """
-    cfg = load_config(config_path, overrides) if config_path else _load_config_file(
-        storage.join(export.uri, CONFIG_FILE), overrides)
-    diffs = (_differences("model", cfg.model, export.cfg.model) + _differences("prompt", cfg.prompt, export.cfg.prompt)
-             + _differences("vision", cfg.vision, export.cfg.vision, VISION_IDENTITY))
+    export_file = storage.join(storage.resolve(absolute_uri(export_uri)), CONFIG_FILE)
+    if not storage.exists(export_file):
+        raise FileNotFoundError(f"{export_uri}: not an inference export (no {CONFIG_FILE})")
+    trained = _load_config_file(export_file)
+    cfg = load_config(config_path, overrides) if config_path else _load_config_file(export_file, overrides)
+    diffs = (_differences("model", cfg.model, trained.model) + _differences("prompt", cfg.prompt, trained.prompt)
+             + _differences("vision", cfg.vision, trained.vision, VISION_IDENTITY))
     if diffs:
-        raise ConfigError(f"the model, prompt and vision tower come from the export {export.uri}; the job config "
+        raise ConfigError(f"the model, prompt and vision tower come from the export {export_uri}; the job config "
                           f"changes {'; '.join(diffs)}")
     return cfg
 

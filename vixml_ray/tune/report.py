@@ -25,6 +25,7 @@ CSV_FILE, MARKDOWN_FILE, PLOT_FILE, BEST_CONFIG_FILE = "results.csv", "results.m
 EPOCH_METRICS = ("val_P@1", "val_P@5", "loss")
 TEST_METRICS = ("test_P@1", "test_P@5")
 FINISHED, STOPPED, ERROR = "finished", "stopped", "error"
+ENDED = (FINISHED, STOPPED, ERROR)
 
 
 @dataclass
@@ -48,24 +49,27 @@ def collect_rows(experiment: str, space: SearchSpace, metric: str) -> list[Trial
     rows = []
     for trial in analysis.trials:
         last = trial.last_result or {}
+        epochs = int(last.get(EPOCHS_DONE, 0))
         run_dir = trial_run_dir(experiment, trial.trial_id)
         summary_path = storage.join(run_dir, SUMMARY)
         summary = storage.read_json(summary_path) if storage.exists(summary_path) else None
-        epochs = int(last.get(EPOCHS_DONE, 0))
-        if trial.status == "ERROR":
-            status = ERROR
-        elif trial.status != "TERMINATED":
-            status = trial.status.lower()
-        elif summary is not None and epochs >= summary["epochs"]:
-            status = FINISHED
-        else:  # ASHA stopped it (its run may have finished its last epochs before the stop arrived)
-            status = STOPPED
         metrics = {k: float(last[k]) for k in columns if isinstance(last.get(k), (int, float))}
         if summary is not None:
             metrics.update({k: float(summary[k]) for k in TEST_METRICS if k in summary})
-        rows.append(TrialRow(trial.trial_id, status, space.choices(trial.config), epochs,
-                             metrics, _curve(frames.get(trial.trial_id), metric), run_dir))
+        rows.append(TrialRow(trial.trial_id, _status(trial.status, epochs, summary), space.choices(trial.config),
+                             epochs, metrics, _curve(frames.get(trial.trial_id), metric), run_dir))
     return rows
+
+
+def _status(tune_status: str, epochs: int, summary: dict[str, Any] | None) -> str:
+    """How a trial ended, from Tune's status, the epochs Tune saw and its Train run's summary (written at its end)."""
+    if tune_status == "ERROR":
+        return ERROR
+    if tune_status != "TERMINATED":
+        return tune_status.lower()  # pending or running: the sweep was interrupted
+    if summary is not None and epochs >= summary["epochs"]:
+        return FINISHED
+    return STOPPED  # by ASHA (its run may have finished the last epochs before the stop arrived)
 
 
 def _curve(frame: Any, metric: str) -> list[tuple[int, float]]:
@@ -122,6 +126,7 @@ def plot(rows: Sequence[TrialRow], keys: Sequence[str], metric: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     colours = {FINISHED: "tab:green", STOPPED: "tab:orange", ERROR: "tab:red"}
     labels = [", ".join(format_value(row.choices[k]) for k in keys) for row in rows]
@@ -131,6 +136,7 @@ def plot(rows: Sequence[TrialRow], keys: Sequence[str], metric: str) -> bytes:
         if row.curve:
             curves.plot(*zip(*row.curve), marker="o", linestyle="--" if row.status == STOPPED else "-", label=label)
     curves.set_xlabel("epochs")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set_ylabel(metric)
     curves.set_title(f"{metric} per epoch (dashed: stopped by ASHA)")
     curves.grid(alpha=0.3)
@@ -149,10 +155,11 @@ def plot(rows: Sequence[TrialRow], keys: Sequence[str], metric: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(base: Config, space: SearchSpace, experiment: str) -> dict[str, Any]:
-    """Writes ``<experiment>/report/`` (CSV, markdown, PNG, the best trial's config); returns the sweep's summary."""
+def write_report(base: Config, space: SearchSpace, experiment: str, rows: Sequence[TrialRow]) -> dict[str, Any]:
+    """Writes ``<experiment>/report/`` (CSV, markdown, PNG, the best trial's config) for the trials ``rows`` of
+    :func:`collect_rows`; returns the sweep's summary."""
     metric, mode = base.tune.metric, base.tune.mode
-    rows = ranked(collect_rows(experiment, space, metric), metric, mode)
+    rows = ranked(rows, metric, mode)
     if not rows or math.isnan(rows[0].metrics.get(metric, math.nan)):
         raise RuntimeError(f"no trial of {experiment} reported '{metric}' (see the trials' errors in {experiment})")
     best = rows[0]

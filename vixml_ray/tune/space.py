@@ -54,6 +54,14 @@ class SearchSpace:
                 space[spec.key] = ranges[spec.kind](*spec.args)
         return space
 
+    def num_trials(self, num_samples: int) -> int:
+        """Trials of a full sweep: the grid's size times ``num_samples`` (Tune's basic variant generator)."""
+        size = num_samples
+        for spec in self.specs:
+            if spec.kind == "grid":
+                size *= len(spec.args)
+        return size
+
     def choices(self, trial_config: Mapping[str, Any]) -> dict[str, Any]:
         """A trial's value of every swept key (same_as keys copied from their source), in the space's order."""
         out = {}

@@ -25,7 +25,7 @@ from vixml_ray.config import Config, ConfigError, save_config, to_yaml
 from vixml_ray.pipeline import ensure_dataset
 from vixml_ray.ray_utils import init_ray
 from vixml_ray.train.ray_train import prepare_shared
-from vixml_ray.tune.report import write_report
+from vixml_ray.tune.report import ENDED, collect_rows, write_report
 from vixml_ray.tune.space import SearchSpace, search_space
 from vixml_ray.tune.trial import EPOCHS_DONE, run_trial
 
@@ -99,13 +99,14 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(base, space, experiment, trainable)
-    grid = tuner.fit()
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    tuner.fit()
+    rows = collect_rows(experiment, space, base.tune.metric)  # as saved: an interrupted run's trials stay unfinished
+    unfinished = space.num_trials(base.tune.num_samples) - sum(row.status in ENDED for row in rows)
     if unfinished:
-        log.warning("the sweep was interrupted with %d of %d trials unfinished; run the same command to resume",
-                    unfinished, len(grid))
-        return {"interrupted": True, "experiment": experiment, "trials": len(grid), "unfinished": unfinished}
-    summary = write_report(base, space, experiment)
+        log.warning("the sweep was interrupted with %d trials unfinished: run the same command to resume it",
+                    unfinished)
+        return {"interrupted": True, "experiment": experiment, "unfinished": unfinished}
+    summary = write_report(base, space, experiment, rows)
     return {**summary, "resumed": resumed, "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from vixml_ray import storage
@@ -44,14 +46,26 @@ def trial_config(base: Config, space: SearchSpace, trial_config: dict[str, Any],
 
 
 def run_trial(config: dict[str, Any], base: Config, space: SearchSpace, experiment: str) -> None:
-    """The Tune function trainable (bind ``base``, ``space`` and ``experiment`` with ``tune.with_parameters``)."""
-    from ray import tune
+    """The Tune function trainable (bind ``base``, ``space`` and ``experiment`` with ``tune.with_parameters``).
 
-    from vixml_ray.train.ray_train import make_trainer
-
+    The Train run is driven from a task whose environment names the cluster (``RAY_ADDRESS``): Ray Train's
+    placement-group cleaner, a detached actor that inherits it, finds its cluster through that variable. Without it, on a
+    host running several Ray instances, the cleaner fails, the placement group of every trial ASHA stops stays
+    behind, and the next trials wait for its CPUs forever. When Tune stops the trial, the task dies with it (its
+    owner) and the Train controller with the task.
+    """
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, space, config, experiment)
-    trainer, _ = make_trainer(cfg, trial_run_name(trial_id), callbacks=[EpochReportCallback()])
+    env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    run = _fit_train_run.options(runtime_env=env).remote(cfg, trial_run_name(trial_id), [EpochReportCallback()])
+    ray.get(run)
+
+
+@ray.remote(num_cpus=0, max_retries=0)  # the Train run's own FailureConfig handles worker failures
+def _fit_train_run(cfg: Config, run_name: str, callbacks: list[Any]) -> None:
+    from vixml_ray.train.ray_train import make_trainer
+
+    trainer, _ = make_trainer(cfg, run_name, callbacks=callbacks)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

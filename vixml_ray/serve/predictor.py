@@ -1,0 +1,128 @@
+"""The online predictor: raw queries (text + images) -> top-k labels (ids, names, scores) from the sharded index.
+
+A query's images (bytes, paths, URIs or URLs; slot order kept, at most 3) go through the export's vision tower into
+the feature-cache representation (:class:`~vixml_ray.serve.images.ImageFeaturizer`), its text is tokenised as in
+training, and the trained model embeds both; the :class:`~vixml_ray.index.ShardedIndex` returns the top k. The
+predictor refuses an index version embedded by another export, or whose label image features came from another
+vision model than the export's, and reads label names from the answering version's ``labels.parquet``, so the
+names always match the version that answered (also across :meth:`Predictor.swap`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from vixml_ray.config import Config, ConfigError
+from vixml_ray.index import Manifest, ShardedIndex, read_manifest
+from vixml_ray.index.refresh import check_embedded_by, read_labels
+from vixml_ray.model.embedder import load_export
+from vixml_ray.model.inference import embed_arrays
+from vixml_ray.model.tokens import tokenize
+from vixml_ray.serve.batch import inference_device
+from vixml_ray.serve.export import absolute_uri, check_feature_model, read_export
+from vixml_ray.serve.images import ImageFeaturizer, ImageInput
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    images: Sequence[ImageInput] = ()  # raw bytes or paths/URIs/URLs, in slot order
+
+
+@dataclass
+class Prediction:
+    ids: list[int]  # label rows, best first
+    names: list[str]  # label texts
+    scores: list[float]  # inner products of unit vectors
+    version: str  # the index version that answered
+    image_errors: list[str | None] = field(default_factory=list)  # per given image: why it was masked, or None
+
+
+class Predictor:
+    """Holds the trained model, the vision tower (image models) and a sharded index over ``index_dir``.
+
+    ``cfg``: the job config (default: the export's; see :func:`vixml_ray.serve.export.job_config`); ``base_uri``:
+    where relative image paths are resolved (default: the working directory). Needs Ray initialised.
+    """
+
+    def __init__(self, export_uri: str, index_dir: str, cfg: Config | None = None, base_uri: str | None = None):
+        self.export = read_export(export_uri)
+        self.cfg = cfg or self.export.cfg
+        self.index_dir = absolute_uri(index_dir)
+        manifest = read_manifest(self.index_dir)
+        self._check(manifest)
+        self.embedder = load_export(self.export.uri).to(inference_device(self.cfg.infer)).eval()
+        self.images = (ImageFeaturizer(self.cfg.vision, absolute_uri(base_uri or os.getcwd()))
+                       if self.export.uses_images else None)
+        if self.images is not None and self.images.dim != self.export.image_dim:
+            raise ConfigError(f"the vision tower gives {self.images.dim}-d features, the export expects "
+                              f"{self.export.image_dim}")
+        self._names: dict[str, pa.Array] = {}
+        self._names_lock = threading.Lock()
+        self.index = ShardedIndex(self.index_dir, self.cfg.index, manifest.version)
+
+    def _check(self, manifest: Manifest) -> None:
+        check_embedded_by(manifest, self.export, self.index_dir)
+        if self.export.uses_images:
+            features = manifest.identity.get("features") or {}
+            where = f"index version {manifest.version} of {self.index_dir}"
+            check_feature_model(features.get("model", {}), self.cfg, where)
+            if features.get("dtype") != self.cfg.vision.cache_dtype:
+                raise ConfigError(f"{where}: label image features in {features.get('dtype')}, the export's "
+                                  f"'vision.cache_dtype' is {self.cfg.vision.cache_dtype}")
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def swap(self, version: str | None = None) -> str:
+        """Serves ``version`` (default: the ``CURRENT`` one) after checking it; in-flight queries finish on the old."""
+        manifest = read_manifest(self.index_dir, version)
+        self._check(manifest)
+        return self.index.swap(manifest.version)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------------------- queries
+    def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[list[str | None]]]:
+        """Unit query embeddings float32 [n, hidden] and, per query, why each of its images was masked (or None)."""
+        feats = mask = None
+        errors: list[list[str | None]] = [[] for _ in queries]
+        if self.images is not None:
+            feats, mask, errors = self.images.features([q.images for q in queries])
+        tokens = tokenize(self.embedder.tokenizer, [q.text for q in queries], self.embedder.cfg.model.max_length)
+        return embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.cfg.infer.batch_size), errors
+
+    def label_names(self, version: str) -> pa.Array:
+        """The label texts of an index version, by row (kept for the two most recent versions)."""
+        with self._names_lock:
+            if version not in self._names:
+                self._names[version] = read_labels(self.index_dir, version, ["text"]).column("text").combine_chunks()
+                for old in list(self._names)[:-2]:
+                    del self._names[old]
+            return self._names[version]
+
+    def predict(self, queries: Sequence[Query], k: int) -> list[Prediction]:
+        """The top ``k`` labels of every query (fewer when the index holds fewer labels)."""
+        if not queries:
+            return []
+        embeddings, errors = self.embed(queries)
+        result = self.index.search(embeddings, k)
+        names = self.label_names(result.version)
+        out = []
+        for ids, scores, image_errors in zip(result.ids, result.scores, errors):
+            valid = ids >= 0
+            ids = ids[valid]
+            out.append(Prediction(ids.tolist(), names.take(pa.array(ids)).to_pylist(), scores[valid].tolist(),
+                                  result.version, image_errors))
+        return out
