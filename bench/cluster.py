@@ -2,7 +2,8 @@
 
 Prints one JSON line: rows, dim, wall and CPU seconds per cluster size (CPU time of this process, all threads: on a
 shared machine the wall time also counts other processes), cluster-size range per size, peak RSS.
-``--quick`` uses 200k rows instead of 3M.
+``--quick`` uses 200k rows instead of 3M. On a busy machine run it with ``OPENBLAS_NUM_THREADS=1``: BLAS threads
+that wait for a core spin and inflate the CPU time; single-threaded, CPU seconds equal the wall time of an idle core.
 """
 
 from __future__ import annotations

@@ -119,8 +119,8 @@ def main() -> None:
     overrides = [
         f"cache_dir={work}/cache", "vision.backend=open_clip", f"vision.model_name={args.model}",
         f"vision.batch_size={args.batch_size}", f"vision.decode_batch_size={args.decode_batch_size}",
-        f"vision.rows_per_shard={max(args.batch_size, n_images // 4)}", "vision.decode_num_cpus=1",
-        "vision.num_cpus_per_actor=1", f"vision.actor_threads={args.actor_threads or cores}",
+        f"vision.rows_per_shard={max(args.batch_size, n_images // 4)}", "vision.decode_num_cpus=0.5",
+        f"vision.num_cpus_per_actor={cores - 0.5}", f"vision.actor_threads={args.actor_threads or cores}",
     ]
     if args.tower_size:
         overrides.append(f"vision.image_size={args.tower_size}")

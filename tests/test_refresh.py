@@ -67,6 +67,7 @@ def test_full_refresh_commits_a_version_equal_to_single_process_embeddings(ray_s
     assert (Path(index) / "versions" / "v1" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_incremental_refresh_reembeds_exactly_the_changed_labels(ray_session, setup):
     index = str(setup["tmp"] / "incremental")
     refresh_labels(setup["export"], setup["a"], index)
@@ -90,6 +91,7 @@ def test_incremental_refresh_reembeds_exactly_the_changed_labels(ray_session, se
     assert np.array_equal(all_rows(index, "v3"), v2)
 
 
+@pytest.mark.slow
 def test_incremental_refresh_with_another_export_reembeds_everything(ray_session, setup):
     index = str(setup["tmp"] / "other-export")
     refresh_labels(setup["export"], setup["a"], index)

@@ -186,6 +186,15 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(resumed_
 
 
 @pytest.mark.slow
+def test_a_sweep_is_not_resumed_under_another_config(resumed_sweep) -> None:
+    from vixml_ray.tune.sweep import run_sweep
+
+    changed = _cfg(*_job_overrides(resumed_sweep["root"]), "train.lr_backbone=0.001")
+    with pytest.raises(ConfigError, match=r"another config \('train\.lr_backbone' was 0\.002, now 0\.001\)"):
+        run_sweep(changed)
+
+
+@pytest.mark.slow
 def test_asha_stops_trials_and_the_best_config_trains(resumed_sweep, ray_session) -> None:
     import csv
 

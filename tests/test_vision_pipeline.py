@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vixml_ray.config import Config, load_config
+from vixml_ray.config import Config, ConfigError, load_config
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.data.synthetic import generate_synthetic
@@ -29,7 +29,11 @@ from vixml_ray.vision.pipeline import embed_images
 from vixml_ray.vision.tiny import TINY_OPEN_CLIP, TINY_OPEN_CLIP_NAME
 from vixml_ray.vision.towers import load_preprocessor, load_tower
 
-pytestmark = pytest.mark.slow
+def test_decode_and_embed_stages_cannot_be_fused():
+    """Ray Data fuses map stages with equal resources: decoding would then run inside the embedding actors."""
+    with pytest.raises(ConfigError, match="fuses stages with equal resources"):
+        load_config(None, ["vision.decode_num_cpus=1", "vision.num_cpus_per_actor=1"])
+    load_config(None, ["vision.decode_num_cpus=1", "vision.num_cpus_per_actor=1", "vision.num_gpus_per_actor=1"])
 
 
 def _config(tmp_path: Path, *overrides: str) -> Config:
@@ -76,6 +80,7 @@ def http_root():
     thread.join(timeout=5)
 
 
+@pytest.mark.slow
 def test_pipeline_counts_bad_images_and_fills_the_bank(ray_session, tmp_path, http_root):
     root = _dataset(tmp_path, num_train=24, num_test=6)
     ds = open_dataset(root)
@@ -129,6 +134,7 @@ def test_pipeline_counts_bad_images_and_fills_the_bank(ray_session, tmp_path, ht
                     assert not feats[row, slot].any()
 
 
+@pytest.mark.slow
 def test_resumed_run_embeds_only_missing_shards(ray_session, tmp_path):
     root = _dataset(tmp_path, num_train=20, num_test=4)
     cfg = _config(tmp_path)

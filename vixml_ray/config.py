@@ -85,7 +85,7 @@ class VisionConfig:
     num_cpus_per_actor: float = bounded(1.0, 0.0)
     min_actors: int = bounded(1, 1)
     max_actors: int = bounded(1, 1)
-    decode_num_cpus: float = bounded(1.0, 0.0)
+    decode_num_cpus: float = bounded(0.5, 0.0)  # must differ from num_cpus_per_actor on CPU (see validate)
     rows_per_shard: int = bounded(4096, 1)
     http_timeout_s: float = bounded(20.0, 0.1)
     http_retries: int = bounded(3, 0)
@@ -361,6 +361,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid value for 'train.num_workers': DeepSpeed needs at least one Ray Train worker")
     if cfg.vision.min_actors > cfg.vision.max_actors:
         raise ConfigError("invalid values: 'vision.min_actors' must not exceed 'vision.max_actors'")
+    if cfg.vision.num_gpus_per_actor == 0 and cfg.vision.decode_num_cpus == cfg.vision.num_cpus_per_actor:
+        raise ConfigError("invalid values: 'vision.decode_num_cpus' must differ from 'vision.num_cpus_per_actor' "
+                          "on CPU: Ray Data fuses stages with equal resources, which would run decoding inside the "
+                          "embedding actors (ray-project/ray#54433)")
     if cfg.infer.min_actors > cfg.infer.max_actors:
         raise ConfigError("invalid values: 'infer.min_actors' must not exceed 'infer.max_actors'")
 

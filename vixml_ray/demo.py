@@ -40,10 +40,10 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         summary = fit(variant, run_name=name)
         train_s = time.perf_counter() - start
         index_dir = storage.join(out, name, "label-index")
-        refresh_labels(variant, summary["checkpoint"], variant.data.dataset, index_dir)
-        metrics = evaluate(variant, summary["checkpoint"], variant.data.dataset, storage.join(out, name, "eval"),
-                           index_dir=index_dir)
-        results[name] = {**{key: round(float(metrics[key]), 2) for key in SHOWN}, "train_s": round(train_s, 1)}
+        refresh_labels(summary["checkpoint"], variant.data.dataset, index_dir, incremental=True)
+        metrics = evaluate(summary["checkpoint"], variant.data.dataset, storage.join(out, name, "eval"),
+                           index_dir=index_dir, overwrite=True)
+        results[name] = {**{key: round(100 * float(metrics[key]), 2) for key in SHOWN}, "train_s": round(train_s, 1)}
     results["plot"] = plot_comparison(results, os.path.join(out, "demo.png"))
     print(comparison_table(results), flush=True)
     return results

@@ -5,7 +5,10 @@ Per Ray Data batch of embedded test queries the driver asks the :class:`~vixml_r
 ground truth is untouched; the index fetches enough extra candidates). Metrics come from
 :mod:`vixml_ray.eval.metrics` with inverse propensities from the TRAINING split's label counts
 (``eval.propensity_a/b``), plus the contribution of each training-frequency decile of labels to P@k. Without an
-``index_dir`` the labels are first refreshed into a temporary index under ``cache_dir``.
+``index_dir`` the labels are first refreshed into a temporary index under ``cache_dir`` (on a multi-node cluster
+``cache_dir`` must then be shared storage, since Ray workers write the index). The test queries are embedded and
+materialised in the object store before the shard actors start, so the embedding actors and the shards never
+compete for the same CPUs or GPUs.
 
 The output directory (published atomically) holds ``metrics.json``, ``metrics.md``, ``metrics.png``,
 ``predictions.parquet`` (:data:`~vixml_ray.data.schema.PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
@@ -162,7 +165,6 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         if manifest.num_labels != dataset.num_labels:
             raise ValueError(f"index version {manifest.version} of {index_uri} holds {manifest.num_labels} labels, "
                              f"the dataset {dataset.uri} has {dataset.num_labels}")
-        # the embedding actors finish before the shard actors start: the two never compete for CPUs or GPUs
         t0 = time.perf_counter()
         queries = embed_split(cfg, export, dataset, "test", features).materialize()
         t1 = time.perf_counter()
@@ -173,7 +175,8 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         **score(cfg, dataset, ids),
         "counts": {"queries": dataset.num_test, "labels": dataset.num_labels,
                    "filter_pairs": int(len(dataset.filter_pairs())), "topk": cfg.eval.topk},
-        "index": {"dir": index_dir, "version": manifest.version, "temporary": index_dir is None},
+        "index": {"dir": None if index_dir is None else index_uri, "version": manifest.version,
+                  "temporary": index_dir is None},
         "export": export.identity(),
         "dataset": {"uri": dataset.uri, "content_hash": dataset.manifest.get("content_hash")},
         "timing": {"embed_s": round(t1 - t0, 3), "search_s": round(t2 - t1, 3),

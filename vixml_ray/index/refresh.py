@@ -139,6 +139,9 @@ def plan_refresh(index_dir: str, export: Export, labels: pa.Table, incremental: 
     if base.identity.get("export", {}).get("fingerprint") != export.fingerprint:
         full.reason = f"incremental: {base_version} was embedded by another export"
         return full
+    if not storage.exists(storage.join(version_dir(index_dir, base_version), LABELS_FILE)):
+        full.reason = f"incremental: {base_version} has no {LABELS_FILE} (content hashes)"
+        return full
     old = read_labels(index_dir, base_version, ["row", "uid", "content_hash", "source_version"])
     _unique_uids(labels.column("uid"), "dataset labels")
     _unique_uids(old.column("uid"), f"index version {base_version}")

@@ -6,7 +6,7 @@ Input, one JSON object per line::
 
 ``text`` is required; ``id`` is optional and echoed; ``images`` (optional, at most 3, slot order) holds paths
 (relative ones resolve against the queries file's folder), URIs, URLs or ``{"b64": ...}`` inline bytes. Output, one
-line per input line in the same order::
+line per non-blank input line, in input order::
 
     {"line": 1, "id": "q1", "labels": [...], "names": [...], "scores": [...], "version": "v3", "image_errors": [...]}
 
@@ -36,7 +36,7 @@ from vixml_ray import storage
 from vixml_ray.config import Config
 from vixml_ray.data.schema import MAX_IMAGES
 from vixml_ray.ray_utils import init_ray
-from vixml_ray.serve.export import absolute_uri, read_export
+from vixml_ray.serve.export import absolute_uri, job_config
 from vixml_ray.serve.predictor import Predictor, Query
 
 
@@ -108,7 +108,7 @@ def predict_file(export_uri: str, index_dir: str, queries_uri: str, out_uri: str
     started = time.perf_counter()
     if storage.exists(out_uri) and not overwrite:
         raise FileExistsError(f"output already exists: {out_uri} (remove it or pass --overwrite)")
-    cfg = cfg or read_export(export_uri).cfg
+    cfg = cfg or job_config(export_uri)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
     queries_uri = absolute_uri(queries_uri)
     base = queries_uri.rsplit("/", 1)[0]

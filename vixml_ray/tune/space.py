@@ -15,8 +15,7 @@ from typing import Any, Mapping
 from vixml_ray.config import Config, ConfigError, replace
 from vixml_ray.tune.presets import preset
 
-SAMPLED = ("grid", "choice", "uniform", "loguniform", "randint")
-KINDS = (*SAMPLED, "same_as")
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "same_as")
 FIXED_PREFIXES = ("tune.", "ray.", "data.", "vision.")
 FIXED_KEYS = ("tune", "ray", "data", "vision", "out_dir", "cache_dir", "train.num_workers", "train.cpus_per_worker",
               "train.use_gpu")
@@ -25,7 +24,7 @@ IMAGE_PART = "V"
 
 @dataclass(frozen=True)
 class Spec:
-    """One swept key: ``values`` for grid/choice, ``[low, high]`` for the ranges, the source key for same_as."""
+    """One swept key; ``args``: the values of a grid/choice, ``(low, high)`` of a range, the source key of same_as."""
 
     key: str
     kind: str
@@ -34,6 +33,8 @@ class Spec:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """The swept keys of a sweep, in order."""
+
     specs: tuple[Spec, ...]
 
     @property

@@ -32,6 +32,7 @@ from vixml_ray.tune.trial import EPOCHS_DONE, run_trial
 log = logging.getLogger(__name__)
 
 SWEEP_CONFIG = "sweep.yaml"  # the config the experiment was started with (a restore must match it)
+DEFINING = ("data.", "model.", "prompt.", "train.", "tune.")  # the config sections that define a sweep's trials
 
 
 def experiment_path(cfg: Config) -> str:
@@ -84,13 +85,13 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     :func:`vixml_ray.tune.report.write_report`), or ``{"interrupted": true, ...}`` when it was interrupted."""
     space = check_sweep_config(cfg)
     start = time.perf_counter()
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
     experiment = experiment_path(cfg)
     resumed = tune.Tuner.can_restore(experiment)
     if resumed:
         _check_same_sweep(cfg, experiment)
     else:
         save_config(cfg, storage.join(experiment, SWEEP_CONFIG))
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
     base = ensure_dataset(cfg)  # once here, so that trials never race to build it
     prepare_shared(base)  # the tokenised texts and tiny model files every trial reads
     trainable = _trainable(base, space, experiment)
@@ -134,14 +135,15 @@ def _new_tuner(base: Config, space: SearchSpace, experiment: str, trainable: Any
 
 
 def _check_same_sweep(cfg: Config, experiment: str) -> None:
-    """A restore keeps the experiment's own space and settings: refuse to resume it under a different config."""
+    """A restore keeps the experiment's own space and settings: refuse to resume it under a config whose trials
+    would differ (the sections in :data:`DEFINING`)."""
     saved_path = storage.join(experiment, SWEEP_CONFIG)
     if not storage.exists(saved_path):
         raise ConfigError(f"{experiment} holds a Tune experiment that is not a vixml-ray sweep (no {SWEEP_CONFIG})")
     saved = _flat(OmegaConf.to_container(OmegaConf.create(storage.read_text(saved_path))))
     current = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
     for key in sorted(set(saved) | set(current)):
-        if key.startswith("ray.") or saved.get(key) == current.get(key):
+        if not key.startswith(DEFINING) or saved.get(key) == current.get(key):
             continue
         raise ConfigError(f"{experiment} is a sweep of another config ('{key}' was {saved.get(key)!r}, now "
                           f"{current.get(key)!r}): pick another tune.name or remove that directory")

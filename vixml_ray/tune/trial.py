@@ -39,20 +39,20 @@ class EpochReportCallback(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def trial_config(base: Config, space: SearchSpace, trial_config: dict[str, Any], experiment: str) -> Config:
+def trial_config(base: Config, space: SearchSpace, params: dict[str, Any], experiment: str) -> Config:
     """The config one trial trains: the base with the trial's choices, its Train runs under the experiment."""
-    cfg = apply_choices(base, space.choices(trial_config))
+    cfg = apply_choices(base, space.choices(params))
     return replace(cfg, **{"ray.storage_path": storage.join(experiment, TRIALS_DIR)})
 
 
 def run_trial(config: dict[str, Any], base: Config, space: SearchSpace, experiment: str) -> None:
     """The Tune function trainable (bind ``base``, ``space`` and ``experiment`` with ``tune.with_parameters``).
 
-    The Train run is driven from a task whose environment names the cluster (``RAY_ADDRESS``): Ray Train's
-    placement-group cleaner, a detached actor that inherits it, finds its cluster through that variable. Without it, on a
-    host running several Ray instances, the cleaner fails, the placement group of every trial ASHA stops stays
-    behind, and the next trials wait for its CPUs forever. When Tune stops the trial, the task dies with it (its
-    owner) and the Train controller with the task.
+    The Train run is driven from a task whose environment names the cluster (``RAY_ADDRESS``), which Ray Train's
+    placement-group cleaner (a detached actor) inherits and needs: on a host running several Ray instances it cannot
+    find its cluster without it, the placement group of every trial ASHA stops stays behind and the next trials wait
+    for its CPUs forever. When Tune stops the trial, the task dies with it (its owner), the Train controller with the
+    task, and the cleaner removes the placement group.
     """
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, space, config, experiment)
