@@ -162,7 +162,7 @@ def _run_pipeline(cfg: Config, root: str, blocks: list[ray.ObjectRef], writer: S
     t_start = time.perf_counter()
     first_at, first_rows, done = None, 0, 0
     with tqdm(total=total, unit="img", desc="embed images", disable=not progress) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             n = len(batch["row"])
             if first_at is None:
                 first_at, first_rows = time.perf_counter(), n
