@@ -3,7 +3,6 @@ fatal; HTTP images fetched; features read back through the FeatureBank; a resume
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import shutil
