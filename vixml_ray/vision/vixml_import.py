@@ -186,13 +186,7 @@ def write_image_manifest(dataset_uri: str, table: pa.Table) -> str:
             existing = pq.ParquetFile(f).metadata.num_rows
         if existing:
             raise FileExistsError(f"{uri} already lists {existing} images; remove it to import {URLS_FILE}")
-    table = table.cast(schema.IMAGES_SCHEMA)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+    cache.write_shard(uri, table.cast(schema.IMAGES_SCHEMA))
     return uri
 
 
