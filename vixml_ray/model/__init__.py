@@ -2,7 +2,8 @@
 
 Public API::
 
-    build_embedder(cfg, image_dim) -> Embedder      # forward(text_ids, text_lengths, image_feats, image_mask)
+    build_embedder(cfg, image_dim, num_labels=None) -> Embedder  # forward(ids, lengths, image_feats, image_mask)
+    embedder.label_vectors(text_emb, label_rows)    # PRIME prototypes when model.prototypes.enabled
     load_export(directory) -> Embedder
     load_tokenizer(cfg.model, cfg.cache_dir)
     tokenize(tokenizer, texts, max_length) -> TokenArrays;  save_tokens / load_tokens

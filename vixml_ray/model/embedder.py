@@ -8,6 +8,11 @@ trains fully; the backbone trains fully or through LoRA.
 An export directory (:meth:`Embedder.save_export`, :func:`load_export`) holds only what training changed
 (``trainable.safetensors``: adapter + projection, or every weight for a full fine-tune), ``config.yaml`` (the
 resolved config) and ``export.json``; the base weights are re-loaded from ``model.name_or_path``.
+
+With ``model.prototypes.enabled`` the embedder also owns the PRIME label prototypes
+(:class:`~vixml_ray.model.prototypes.LabelPrototypes`): :meth:`Embedder.label_vectors` turns label text embeddings
+into the vectors labels are scored with; the export then records ``num_labels`` and carries the prototypes' weights
+and buffers (label clusters, centroids).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from vixml_ray import storage
 from vixml_ray.config import Config, ConfigError, load_config, to_yaml
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
+from vixml_ray.model.prototypes import LabelPrototypes
 
 WEIGHTS_FILE, CONFIG_FILE, EXPORT_FILE = "trainable.safetensors", "config.yaml", "export.json"
 EXPORT_FORMAT = 1
@@ -33,7 +39,7 @@ EXPORT_FORMAT = 1
 class Embedder(nn.Module):
     """``forward(text_ids, text_lengths, image_feats=None, image_mask=None) -> float32 [B, hidden]``, unit norm."""
 
-    def __init__(self, cfg: Config, image_dim: int | None):
+    def __init__(self, cfg: Config, image_dim: int | None, num_labels: int | None = None):
         super().__init__()
         model_cfg = cfg.model
         if model_cfg.use_images and image_dim is None:
@@ -56,6 +62,16 @@ class Embedder(nn.Module):
                               f"positions, more than the model's {backbone.max_positions}")
         self.backbone = backbone.model
         self.projection = nn.Linear(image_dim, self.hidden_size) if self.image_dim is not None else None
+        self.prototypes: LabelPrototypes | None = None
+        if model_cfg.prototypes.enabled:
+            if num_labels is None:
+                raise ConfigError("'model.prototypes.enabled' is true but the number of labels was not given")
+            self.prototypes = LabelPrototypes(model_cfg.prototypes, num_labels, self.hidden_size)
+
+    @property
+    def num_labels(self) -> int | None:
+        """The label count the prototypes were built for (None without prototypes)."""
+        return self.prototypes.num_labels if self.prototypes is not None else None
 
     # ----------------------------------------------------------------------------------------------- forward
     def assemble(self, text_ids: torch.Tensor, text_lengths: torch.Tensor, image_feats: torch.Tensor | None = None,
@@ -89,17 +105,27 @@ class Embedder(nn.Module):
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
         return F.normalize(pool(hidden, layout.lengths, self.pooling).float(), dim=-1)
 
+    def label_vectors(self, text_emb: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
+        """The vectors labels are scored with: their prototypes when the model has them, else ``text_emb``."""
+        if self.prototypes is None:
+            return text_emb
+        return self.prototypes(text_emb, label_rows)
+
     # ---------------------------------------------------------------------------------------------- training
-    def param_groups(self, lr_backbone: float, lr_projection: float, weight_decay: float) -> list[dict]:
-        """AdamW groups: backbone at ``lr_backbone``, the projection (and anything not in the backbone) at
-        ``lr_projection``; no weight decay on biases and norm weights (every parameter with fewer than 2 dims)."""
+    def param_groups(self, lr_backbone: float, lr_projection: float, weight_decay: float,
+                     lr_prototypes: float | None = None) -> list[dict]:
+        """AdamW groups: backbone at ``lr_backbone``, the prototypes' free vectors and combiner at ``lr_prototypes``
+        (default ``lr_projection``), the projection (and anything else) at ``lr_projection``; no weight decay on
+        biases and norm weights (every parameter with fewer than 2 dims)."""
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             decay = param.ndim >= 2 and "norm" not in name.lower()
-            groups.setdefault(("backbone" if name.startswith("backbone.") else "projection", decay), []).append(param)
-        lrs = {"backbone": lr_backbone, "projection": lr_projection}
+            part = name.split(".", 1)[0]
+            groups.setdefault((part if part in ("backbone", "prototypes") else "projection", decay), []).append(param)
+        lrs = {"backbone": lr_backbone, "projection": lr_projection,
+               "prototypes": lr_projection if lr_prototypes is None else lr_prototypes}
         return [
             {"name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lrs[part],
              "weight_decay": weight_decay if decay else 0.0}
@@ -107,8 +133,12 @@ class Embedder(nn.Module):
         ]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint needs: every trainable tensor (adapter + projection, or all for a full fine-tune)."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """What a checkpoint needs: every trainable tensor (adapter + projection, or all for a full fine-tune) and
+        the prototypes' buffers (label clusters, centroids)."""
+        state = {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        if self.prototypes is not None:
+            state.update({f"prototypes.{name}": b.detach() for name, b in self.prototypes.named_buffers()})
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Loads a :meth:`trainable_state_dict`; its keys must be exactly this model's trainable parameters."""
@@ -130,7 +160,7 @@ class Embedder(nn.Module):
             storage.write_text(storage.join(staging, CONFIG_FILE), to_yaml(self.cfg))
             storage.write_json(storage.join(staging, EXPORT_FILE), {
                 "format": EXPORT_FORMAT, "image_dim": self.image_dim, "kind": self.kind,
-                "hidden_size": self.hidden_size, "num_tensors": len(tensors),
+                "hidden_size": self.hidden_size, "num_tensors": len(tensors), "num_labels": self.num_labels,
             })
 
 
@@ -146,9 +176,10 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling '{how}' (mean, last)")
 
 
-def build_embedder(cfg: Config, image_dim: int | None) -> Embedder:
-    """The embedder of ``cfg`` (``image_dim``: the image feature size, or None for a text-only model)."""
-    return Embedder(cfg, image_dim)
+def build_embedder(cfg: Config, image_dim: int | None, num_labels: int | None = None) -> Embedder:
+    """The embedder of ``cfg`` (``image_dim``: the image feature size, or None for a text-only model; ``num_labels``:
+    the label count, needed with ``model.prototypes.enabled``)."""
+    return Embedder(cfg, image_dim, num_labels)
 
 
 def load_export(directory: str) -> Embedder:
@@ -161,7 +192,7 @@ def load_export(directory: str) -> Embedder:
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_uri}: unsupported export format {meta.get('format')} (expected {EXPORT_FORMAT})")
     cfg = _load_config_uri(storage.join(root, CONFIG_FILE))
-    embedder = build_embedder(cfg, meta["image_dim"])
+    embedder = build_embedder(cfg, meta["image_dim"], meta.get("num_labels"))
     fs, path = storage.filesystem(storage.join(root, WEIGHTS_FILE))
     with fs.open_input_stream(path) as f:
         state = load_safetensors(f.read())

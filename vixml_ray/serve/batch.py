@@ -31,7 +31,8 @@ def inference_device(infer: InferConfig) -> torch.device:
 
 
 class BatchEmbedder:
-    """Ray Data actor: ``{row, text}`` batches of ``split`` -> ``{row, embedding float32 [B, hidden]}``."""
+    """Ray Data actor: ``{row, text}`` batches of ``split`` -> ``{row, embedding float32 [B, hidden]}``; for labels,
+    the vectors they are scored with (PRIME prototypes when the export has them)."""
 
     def __init__(self, export_uri: str, fingerprint: str, split: str, infer: InferConfig,
                  dataset_uri: str | None = None, feature_slug: str | None = None):
@@ -55,7 +56,8 @@ class BatchEmbedder:
         feats = mask = None
         if self.bank is not None:
             feats, mask = (t.numpy() for t in self.bank.get(self.split, rows))
-        embeddings = embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.batch_size)
+        embeddings = embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.batch_size,
+                                  label_ids=rows if self.split == "label" else None)
         return {"row": rows, "embedding": embeddings}
 
 

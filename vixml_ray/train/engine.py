@@ -24,14 +24,17 @@ TRAINABLE_FILE, OPTIMIZER_FILE = "trainable.safetensors", "optimizer.pt"
 class ChunkedEmbedder(nn.Module):
     """The training forward: embeds a mixed list of queries and labels in ``chunks`` calls of the embedder, each on
     rows of similar length trimmed to their own longest text (dynamic padding). One ``forward`` per step, so DDP
-    and DeepSpeed see a single call however many chunks run inside."""
+    and DeepSpeed see a single call however many chunks run inside. With ``label_rows`` (the label ids of the LAST
+    ``len(label_rows)`` items) it also returns those labels' vectors (PRIME prototypes; possibly zero rows, which
+    still give every prototype parameter a (zero) gradient, as DDP needs)."""
 
     def __init__(self, embedder: Embedder):
         super().__init__()
         self.embedder = embedder
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor | None,
-                mask: torch.Tensor | None, chunks: int) -> torch.Tensor:
+                mask: torch.Tensor | None, chunks: int, label_rows: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         order = torch.argsort(lengths, stable=True)
         outputs = []
         for part in torch.tensor_split(order, chunks):
@@ -40,8 +43,10 @@ class ChunkedEmbedder(nn.Module):
             width = max(int(lengths[part].max()), 1)
             outputs.append(self.embedder(ids[part, :width], lengths[part],
                                          None if feats is None else feats[part], None if mask is None else mask[part]))
-        out = torch.cat(outputs)
-        return out[torch.argsort(order)]
+        out = torch.cat(outputs)[torch.argsort(order)]
+        if label_rows is None:
+            return out
+        return out, self.embedder.label_vectors(out[len(out) - len(label_rows):], label_rows)
 
 
 class Engine(Protocol):
@@ -70,7 +75,7 @@ class Engine(Protocol):
 
 
 def build_optimizer(embedder: Embedder, train: TrainConfig) -> torch.optim.AdamW:
-    groups = embedder.param_groups(train.lr_backbone, train.lr_projection, train.weight_decay)
+    groups = embedder.param_groups(train.lr_backbone, train.lr_projection, train.weight_decay, train.lr_prototypes)
     return torch.optim.AdamW(groups, eps=train.adam_eps)
 
 

@@ -2,8 +2,9 @@
 
 Side effects go through a :class:`~vixml_ray.train.runtime.Runtime` (metrics, checkpoints, resume point, device) and
 the model is stepped through an :class:`~vixml_ray.train.engine.Engine` (plain/DDP or DeepSpeed), so the maths here
-is the same whatever runs it. Per epoch: update the clusters by the schedule, run the global batches, validate
-(P@k on a split carved from TRAIN), report, checkpoint. At the end: the test split once, and the inference export.
+is the same whatever runs it. Per epoch: update the clusters by the schedule (and, with PRIME prototypes, every
+label's centroid of its training queries' embeddings), run the global batches, validate (P@k on a split carved from
+TRAIN), report, checkpoint. At the end: the test split once, and the inference export.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from vixml_ray.train import dist
 from vixml_ray.train.clustering import balanced_clusters
 from vixml_ray.train.engine import Engine, TorchEngine
 from vixml_ray.train.inputs import TrainInputs, load_inputs
-from vixml_ray.train.loss import TripletLossConfig
+from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
+from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.positives import PositiveSampler
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import make_step_batch, train_step
-from vixml_ray.train.validation import embed_rows, retrieval_metrics
+from vixml_ray.train.validation import embed_rows, label_vectors, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Trainer:
     schedule: ClusterSchedule
     loss_cfg: TripletLossConfig
     total_steps: int  # planned optimiser steps (the LR schedule's length)
+    prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
 
     # ----------------------------------------------------------------------------------------------- epochs
@@ -78,7 +81,7 @@ class Trainer:
         while self.state.epoch < train.epochs and not stop:
             epoch = self.state.epoch
             if self.state.batch == 0:
-                self.update_clusters(epoch)
+                self.start_epoch(epoch)
             batches = self.sampler.epoch_batches(epoch)
             sampled = self.positives.sample(epoch)
             losses, queries, grad_norm, start = [], 0, 0.0, time.perf_counter()
@@ -86,7 +89,7 @@ class Trainer:
                 batch = make_step_batch(batches[index], sampled, self.inputs.train_labels,
                                         self.inputs.tokens["train"], self.inputs.tokens["label"],
                                         self.inputs.images, train.embed_chunk_rows, self.runtime.device)
-                loss, grad_norm = train_step(self.engine, batch, self.loss_cfg)
+                loss, grad_norm = train_step(self.engine, batch, self.loss_cfg, self.prime)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch}, batch {index} (step {self.state.step})")
                 losses.append(loss)
@@ -120,24 +123,39 @@ class Trainer:
     def _reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
 
-    def update_clusters(self, epoch: int) -> None:
-        """Random batches before the start; new clusters from fresh embeddings at refresh epochs (or when there
-        are none); between refreshes, a doubled size merges sibling clusters of the same tree."""
+    def start_epoch(self, epoch: int) -> None:
+        """Embeds the training queries once when this epoch needs them (new clusters, prototype centroids), then
+        updates the clusters and the centroids."""
+        size = self.schedule.cluster_size(epoch)
+        new_clusters = size is not None and (self.schedule.refresh(epoch) or self.sampler.cluster_size is None)
+        prototypes = self.engine.embedder.prototypes
+        emb = None
+        if new_clusters or prototypes is not None:
+            start = time.perf_counter()
+            emb = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train",
+                             self.sampler.rows, self.cfg.eval.batch_size, self.runtime.device)
+            log.info("embedded %d training queries in %.1f s", len(emb), time.perf_counter() - start)
+        if prototypes is not None:
+            prototypes.set_centroids(*label_centroids(emb, self.inputs.train_labels[self.sampler.rows]))
+        self.update_clusters(epoch, emb)
+
+    def update_clusters(self, epoch: int, emb: np.ndarray | None) -> None:
+        """Random batches before the start; new clusters from the training queries' embeddings ``emb`` (rows of
+        ``sampler.rows``) at refresh epochs (or when there are none); between refreshes, a doubled size merges
+        sibling clusters of the same tree."""
         size = self.schedule.cluster_size(epoch)
         if size is None:
             self.sampler.set_clusters(None)
         elif self.schedule.refresh(epoch) or self.sampler.cluster_size is None:
-            self.sampler.set_clusters(self.cluster_queries(size, epoch), size)
+            self.sampler.set_clusters(self.cluster_queries(emb, size, epoch), size)
         else:
             while self.sampler.cluster_size < size:
                 self.sampler.merge_siblings(2 * self.sampler.cluster_size)
 
-    def cluster_queries(self, size: int, epoch: int) -> np.ndarray:
-        """Cluster ids of the training queries from the current model's embeddings (computed by all ranks,
-        clustered on rank 0 and broadcast, so every rank uses the very same assignment)."""
+    def cluster_queries(self, emb: np.ndarray, size: int, epoch: int) -> np.ndarray:
+        """Cluster ids of the training queries from their current embeddings (the same on all ranks; clustered on
+        rank 0 and broadcast, so every rank uses the very same assignment)."""
         start = time.perf_counter()
-        emb = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train",
-                         self.sampler.rows, self.cfg.eval.batch_size, self.runtime.device)
         ids = balanced_clusters(emb, size, seed=self.cfg.train.seed + epoch) if dist.rank() == 0 else None
         ids = dist.broadcast_object(ids)
         log.info("clustered %d queries into %d clusters of ~%d in %.1f s", len(ids), int(ids.max()) + 1, size,
@@ -146,9 +164,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def label_embeddings(self) -> np.ndarray:
+        """The vectors labels are scored with (prototypes when the model has them)."""
         rows = np.arange(self.inputs.dataset.num_labels)
-        return embed_rows(self.engine.embedder, self.inputs.tokens["label"], self.inputs.images, "label", rows,
+        text = embed_rows(self.engine.embedder, self.inputs.tokens["label"], self.inputs.images, "label", rows,
                           self.cfg.eval.batch_size, self.runtime.device)
+        return label_vectors(self.engine.embedder, text, self.cfg.eval.batch_size, self.runtime.device)
 
     def validate(self) -> dict[str, float]:
         rows = self.inputs.val_rows
@@ -196,7 +216,7 @@ class Trainer:
                                           "cluster_size": int(saved["cluster_size"]) or None})
         rng_file = os.path.join(directory, f"rng_rank{dist.rank()}.pt")
         if os.path.exists(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            _set_rng_state(torch.load(rng_file, weights_only=True))
         log.info("resumed from %s at epoch %d, batch %d, step %d", directory, self.state.epoch, self.state.batch,
                  self.state.step)
 
@@ -252,7 +272,10 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
                           f"per worker ({world} workers)")
     torch.manual_seed(train.seed)
     inputs = load_inputs(cfg, load_tokenizer(cfg.model, cfg.cache_dir))
-    embedder = build_embedder(cfg, inputs.image_dim)
+    embedder = build_embedder(cfg, inputs.image_dim, inputs.dataset.num_labels)
+    resume = runtime.latest_checkpoint()
+    if embedder.prototypes is not None and not resume:
+        init_prototypes(embedder, inputs, cfg, runtime.device)
     positives = PositiveSampler(inputs.train_labels, train.seed,
                                 inputs.inv_propensity if train.propensity_sampling else None)
     rows = np.intersect1d(inputs.train_rows, positives.rows_with_labels())
@@ -266,8 +289,8 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
         total = min(total, train.max_steps)
     trainer = Trainer(cfg=cfg, runtime=runtime, inputs=inputs, engine=make_engine(cfg, embedder, total, runtime.device),
                       sampler=sampler, positives=positives, schedule=schedule,
-                      loss_cfg=TripletLossConfig.from_train(train), total_steps=total)
-    resume = runtime.latest_checkpoint()
+                      loss_cfg=TripletLossConfig.from_train(train), total_steps=total,
+                      prime=PrimeLossConfig.from_train(train) if embedder.prototypes is not None else None)
     if resume:
         trainer.restore(resume)
     return trainer

@@ -8,7 +8,7 @@ negatives, so a label that is also a positive of the query is never pushed away.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,3 +83,61 @@ def _hinge(s_pos: torch.Tensor, candidates: torch.Tensor, negative: torch.Tensor
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows without violators: all -inf -> nan -> 0
         hinge = hinge * weights
     return hinge.sum(dim=1).mean()
+
+
+@dataclass(frozen=True)
+class PrimeLossConfig:
+    """The PRIME terms (see :class:`~vixml_ray.config.PrototypeLossConfig`); a weight of 0 skips a term."""
+
+    text_weight: float = 1.0
+    prototype_weight: float = 1.0
+    label_to_query: bool = True
+    regularizer_weight: float = 0.1
+    regularizer_margin: float = 0.1
+
+    @classmethod
+    def from_train(cls, train: TrainConfig) -> "PrimeLossConfig":
+        p = train.prototype_loss
+        return cls(text_weight=p.text_weight, prototype_weight=p.prototype_weight, label_to_query=p.label_to_query,
+                   regularizer_weight=p.regularizer_weight, regularizer_margin=p.regularizer_margin)
+
+
+def prime_loss(
+    q: torch.Tensor,
+    text: torch.Tensor,
+    protos: torch.Tensor,
+    pos_index: torch.Tensor,
+    positive_mask: torch.Tensor,
+    cfg: TripletLossConfig,
+    prime: PrimeLossConfig,
+) -> torch.Tensor:
+    """The PRIME objective on a global batch: ``text_weight`` x triplet(queries, label-text embeddings) +
+    ``prototype_weight`` x triplet(queries, prototypes) (labels as anchors too with ``prime.label_to_query``) +
+    ``regularizer_weight`` x :func:`prototype_regularizer`. ``text`` and ``protos`` are [M, H], row-aligned."""
+    loss = q.new_zeros(())
+    if prime.text_weight:
+        loss = loss + prime.text_weight * triplet_loss(q, text, pos_index, positive_mask, cfg)
+    if prime.prototype_weight:
+        proto_cfg = replace(cfg, label_to_query=prime.label_to_query)
+        loss = loss + prime.prototype_weight * triplet_loss(q, protos, pos_index, positive_mask, proto_cfg)
+    if prime.regularizer_weight:
+        loss = loss + prime.regularizer_weight * prototype_regularizer(
+            q, text, protos, pos_index, positive_mask, cfg.num_negatives, prime.regularizer_margin)
+    return loss
+
+
+def prototype_regularizer(q: torch.Tensor, text: torch.Tensor, protos: torch.Tensor, pos_index: torch.Tensor,
+                          positive_mask: torch.Tensor, num_negatives: int, margin: float) -> torch.Tensor:
+    """Mean over queries of ``sum_c max(0, s_c - s(q, proto_p) + margin)`` where ``p`` is the sampled positive and
+    ``c`` runs over its label-text score and the text scores of the ``num_negatives`` hardest text negatives: the
+    prototype of a positive must beat the intermediate (label-text) space. The text scores are targets here
+    (detached): this term moves the prototypes (and the queries), not the label-text embeddings."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    s_proto = (q * protos[pos_index]).sum(dim=-1)  # [B]
+    text_scores = (q @ text.T).detach()  # [B, M]
+    k = min(num_negatives, text_scores.shape[1])
+    s_neg, _ = text_scores.masked_fill(positive_mask, float("-inf")).topk(k, dim=1)
+    competitors = torch.cat([text_scores[rows, pos_index][:, None], s_neg], dim=1)  # [B, 1 + k]
+    valid = torch.isfinite(competitors)
+    competitors = torch.where(valid, competitors, torch.zeros_like(competitors))
+    return (torch.relu(competitors - s_proto[:, None] + margin) * valid).sum(dim=1).mean()

@@ -55,6 +55,25 @@ def _embed_local(embedder: Embedder, tokens: TokenArrays, images: FeatureBank | 
     return out
 
 
+def label_vectors(embedder: Embedder, text_emb: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """The vectors labels are scored with: ``text_emb`` [L, H] (all labels, in row order) through the embedder's
+    prototypes when it has them (every rank computes all of them, without gradients), else ``text_emb`` itself."""
+    if embedder.prototypes is None:
+        return text_emb
+    out = np.empty_like(text_emb)
+    was_training = embedder.training
+    embedder.eval()
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(text_emb), batch_size):
+                rows = torch.arange(lo, min(lo + batch_size, len(text_emb)), device=device)
+                text = torch.as_tensor(text_emb[lo : lo + batch_size], device=device)
+                out[lo : lo + batch_size] = embedder.label_vectors(text, rows).float().cpu().numpy()
+    finally:
+        embedder.train(was_training)
+    return out
+
+
 def retrieve(queries: np.ndarray, labels: np.ndarray, k: int, device: torch.device,
              max_scores: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` labels by inner product: (ids int64 [n, k], scores float32 [n, k]), best first."""
