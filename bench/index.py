@@ -12,9 +12,15 @@ For each dim (64 and 384) on the clustered labels, in the same run and on the sa
     build seconds and memory (resident set and vector bytes). ``--ann-isotropic-dims`` repeats them on isotropic
     vectors (their exact ground truth from the sharded flat index).
 
+Label refresh: the real label texts of ``--refresh-source`` (default ../shared/data/dnb_casimir_gnd, 11,387 GND
+subject names; with ``--quick`` cooking_stackexchange, 736 tags) embedded with the packaged pretrained all-MiniLM-L6-v2 by ``refresh_labels`` (Ray Data: read, hash,
+one actor pool given every CPU, parquet parts, commit) against the model's forward alone (``embed_arrays`` in this
+process on the same tokenised texts, the same threads and model batch size): labels/s of each and their ratio.
+
 Full run: 1M labels, 10k queries, k=100, S=4 (HNSW efConstruction 100: builds dominate with exact search).
-``--quick``: 30k labels, 1k queries, 64-d only (< 1 min). ``--ann-kinds`` (none = exact only) and
-``--ann-isotropic-dims`` narrow a run. The last line printed is a JSON summary.
+``--quick``: 30k labels, 1k queries, 64-d only, the small refresh (about 1 min). ``--ann-kinds`` (none = exact
+only), ``--ann-isotropic-dims`` and ``--no-refresh`` narrow a run. The last line
+printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from vixml_ray.config import IndexConfig
+from vixml_ray.config import IndexConfig, load_config
 from vixml_ray.index import ShardedIndex, VersionWriter
 from vixml_ray.ray_utils import init_ray
 
@@ -154,6 +160,43 @@ def bench_dim(args: argparse.Namespace, cfg: IndexConfig, dim: int, workdir: str
     return out
 
 
+def bench_refresh(source: str, workdir: str, cpus: int) -> dict[str, Any]:
+    """labels/s of ``refresh_labels`` (the whole job, and its Ray Data pipeline) against ``embed_arrays`` alone."""
+    import torch
+
+    from vixml_ray.data import prepare_dataset
+    from vixml_ray.data.dataset import open_dataset
+    from vixml_ray.index.refresh import refresh_labels
+    from vixml_ray.model import build_embedder, embed_arrays, load_export, tokenize
+
+    cfg = load_config(None, ["model.name_or_path=packaged:all-MiniLM-L6-v2", f"cache_dir={workdir}/cache",
+                             f"infer.num_cpus_per_actor={cpus}", "infer.batch_size=256", "data.filters=none"])
+    dataset = os.path.join(workdir, "refresh-dataset")
+    prepare_dataset(source, dataset, cfg)
+    export = os.path.join(workdir, "refresh-export")
+    build_embedder(cfg, None).save_export(export)
+
+    texts = open_dataset(dataset).texts("label")
+    embedder = load_export(export).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpus)
+    try:
+        tokens = tokenize(embedder.tokenizer, texts, cfg.model.max_length)
+        start = time.perf_counter()
+        embed_arrays(embedder, tokens, batch_size=cfg.infer.batch_size)
+        forward_s = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    summary = refresh_labels(export, dataset, os.path.join(workdir, "refresh-index"), cfg)
+    out = {"labels": len(texts), "forward_labels_per_s": round(len(texts) / forward_s, 1),
+           "refresh_labels_per_s": round(len(texts) / summary["seconds"], 1),
+           "pipeline_labels_per_s": summary["labels_per_s"]}
+    out["ratio"] = round(out["refresh_labels_per_s"] / out["forward_labels_per_s"], 3)
+    out["pipeline_ratio"] = round(out["pipeline_labels_per_s"] / out["forward_labels_per_s"], 3)
+    print(f"[refresh] {out}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="30k labels, 1k queries, 64-d only")
@@ -173,12 +216,19 @@ def main() -> None:
     parser.add_argument("--ivf-nlist", type=int, default=1024)
     parser.add_argument("--ivf-nprobe", type=int, default=32)
     parser.add_argument("--workdir", default=None, help="where label versions are written (default: a temp dir)")
+    parser.add_argument("--refresh-source", default=None,
+                        help="raw XC folder whose labels the refresh bench embeds (default: ../shared/data/"
+                             "dnb_casimir_gnd, with --quick cooking_stackexchange)")
+    parser.add_argument("--no-refresh", action="store_true", help="skip the label-refresh throughput bench")
     args = parser.parse_args()
     args.labels = args.labels or (30_000 if args.quick else 1_000_000)
     args.queries = args.queries or (1_000 if args.quick else 10_000)
     args.dims = args.dims or ([64] if args.quick else [64, 384])
     iso_dims = [64] if args.ann_isotropic_dims is None else args.ann_isotropic_dims
     args.batch = min(args.batch, args.queries)
+    shared_data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+    args.refresh_source = args.refresh_source or os.path.join(
+        shared_data, "cooking_stackexchange" if args.quick else "dnb_casimir_gnd")
 
     cpus = os.cpu_count() or 1
     init_ray(num_cpus=cpus, local_only=True)
@@ -192,6 +242,9 @@ def main() -> None:
             results[f"clustered/{dim}"] = bench_dim(args, cfg, dim, workdir, False, True, True)
         for dim in iso_dims:
             results[f"isotropic/{dim}"] = bench_dim(args, cfg, dim, workdir, True, False, True)
+        refresh = None
+        if not args.no_refresh:
+            refresh = bench_refresh(os.path.abspath(args.refresh_source), workdir, cpus)
 
     exact = [r["flat"] for key, r in results.items() if key.startswith("clustered/")]
     ann = {f"{kind}/{key}": r[kind] for key, r in results.items() for kind in ("hnsw", "ivf") if kind in r}
@@ -211,6 +264,7 @@ def main() -> None:
                               for kind in ("flat", "hnsw", "ivf") if kind in r},
         "rss_mb_per_shard": {f"{kind}/{key}": r[kind]["rss_mb_max"] for key, r in results.items()
                              for kind in ("flat", "hnsw", "ivf") if kind in r},
+        "refresh": refresh,
         "params": {"hnsw_m": args.hnsw_m, "hnsw_ef_construction": args.hnsw_ef_construction,
                    "hnsw_ef_search": args.hnsw_ef_search, "ivf_nlist": args.ivf_nlist,
                    "ivf_nprobe": args.ivf_nprobe, "spread": args.spread},

@@ -155,10 +155,14 @@ def test_epoch_start_sets_exact_centroids_of_the_training_queries(dataset: tuple
     assert protos.has_centroid.numpy().tolist() == labels.any(0).tolist()
 
 
-def test_training_with_prototypes_learns_and_exports_them(dataset: tuple[Path, str]) -> None:
+@pytest.fixture(scope="module")
+def trained(dataset: tuple[Path, str]) -> dict:
     root, out = dataset
-    cfg = _config(root, out)
-    summary = train(cfg, run_dir=str(root / "run"), resume=False)
+    return train(_config(root, out), run_dir=str(root / "run"), resume=False)
+
+
+def test_training_with_prototypes_learns_and_exports_them(trained: dict) -> None:
+    summary = trained
     assert summary["final_loss"] < summary["first_loss"] and summary["val_P@1"] > 20
     export = load_export(summary["checkpoint"]).eval()
     trained = export.prototypes
@@ -167,3 +171,17 @@ def test_training_with_prototypes_learns_and_exports_them(dataset: tuple[Path, s
     rows = torch.tensor([0, 1, 2])
     with torch.no_grad():
         assert not torch.allclose(export.label_vectors(text, rows), text)
+
+
+def test_the_label_index_serves_prototypes(ray_session: object, dataset: tuple[Path, str], trained: dict) -> None:
+    """refresh_labels writes prototype vectors, so evaluation through the sharded index gives the training loop's
+    own brute-force test metrics (which score labels by their prototypes)."""
+    from vixml_ray.eval.evaluate import evaluate
+    from vixml_ray.index.refresh import refresh_labels
+
+    root, out = dataset
+    export = trained["checkpoint"]
+    refresh_labels(export, out, str(root / "index"))
+    metrics = evaluate(export, out, str(root / "eval"), index_dir=str(root / "index"))
+    assert 100 * metrics["P@1"] == pytest.approx(trained["test_P@1"], abs=1e-3)
+    assert 100 * metrics["P@5"] == pytest.approx(trained["test_P@5"], abs=1e-3)

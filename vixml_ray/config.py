@@ -180,6 +180,8 @@ class TrainConfig:
     epochs: int = bounded(10, 1)
     batch_size: int = bounded(256, 2)  # the GLOBAL batch (all workers together)
     max_steps: Optional[int] = None  # stop after this many optimiser steps (tests, benches)
+    max_minutes: Optional[float] = bounded(None, 0.0)  # stop after this much training time (the LR schedule still
+    # assumes 'epochs'); the run then validates, tests and exports as usual
     lr_backbone: float = bounded(5e-5, 0.0)
     lr_projection: float = bounded(5e-4, 0.0)
     weight_decay: float = bounded(0.01, 0.0)

@@ -73,11 +73,13 @@ class Trainer:
     total_steps: int  # planned optimiser steps (the LR schedule's length)
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
+    _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() when run() began
 
     # ----------------------------------------------------------------------------------------------- epochs
     def run(self) -> dict[str, Any]:
         train = self.cfg.train
-        stop = self._reached_max_steps()
+        self._started = time.perf_counter()
+        stop = self._reached_limit()
         while self.state.epoch < train.epochs and not stop:
             epoch = self.state.epoch
             if self.state.batch == 0:
@@ -98,7 +100,7 @@ class Trainer:
                 self.state.batch = index + 1
                 if self.state.first_loss is None:
                     self.state.first_loss = loss
-                if self._reached_max_steps():
+                if self._reached_limit():
                     stop = True
                     break
             seconds = time.perf_counter() - start
@@ -120,8 +122,15 @@ class Trainer:
                 self.runtime.report(metrics)
         return self.finish()
 
-    def _reached_max_steps(self) -> bool:
-        return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
+    def _reached_limit(self) -> bool:
+        """``train.max_steps`` optimiser steps done, or ``train.max_minutes`` of this process's loop spent (the
+        decision is rank 0's, so every rank stops after the same step)."""
+        train = self.cfg.train
+        if train.max_steps is not None and self.state.step >= train.max_steps:
+            return True
+        if train.max_minutes is None:
+            return False
+        return bool(dist.broadcast_object(time.perf_counter() - self._started >= 60.0 * train.max_minutes))
 
     def start_epoch(self, epoch: int) -> None:
         """Embeds the training queries once when this epoch needs them (new clusters, prototype centroids), then
