@@ -6,7 +6,9 @@
 Embeds the test queries (Ray Data), retrieves the top ``eval.topk`` labels from the sharded index (``--index``, or
 a fresh label refresh into a temporary index), removes the dataset's filter pairs from the predictions and writes
 metrics.json, metrics.md, metrics.png and predictions.parquet to ``--out`` (default ``<out_dir>/eval``). The config
-defaults to the export's own. Prints one JSON line: the headline metrics and the output directory.
+defaults to the export's own. ``infer.raa.enabled=true`` makes the predictions retrieval-augmented (the index must
+then hold the training queries: refresh it with the same override). Prints one JSON line: the headline metrics and
+the output directory.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 
 Each input line is ``{"id": ..., "text": "...", "images": ["path, URI or URL", {"b64": "..."}]}``; each output line
 holds the top-k label ids, names and scores and the index version that answered (see vixml_ray.serve.jsonl). Bad
-lines get an error record and are counted. Prints one JSON line: queries, predicted, skipped, queries_per_s, out.
+lines get an error record and are counted. ``infer.raa.enabled=true`` scores retrieval-augmented, as evaluate does
+(the index must hold the training queries). Prints one JSON line: queries, predicted, skipped, queries_per_s, out.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 
 The config defaults to the export's own (``--config`` replaces it; model, prompt and vision tower must stay the
 export's). ``--incremental`` re-embeds only labels whose text or image features changed since the current version
-(same export) and carries the others over. Prints one JSON line: labels, embedded, carried, labels_per_s, version,
-out.
+(same export) and carries the others over. ``infer.raa.enabled=true`` also embeds every training query into the same
+version (the memory of retrieval-augmented inference; carried over the same way). Prints one JSON line: labels,
+embedded, carried, labels_per_s, queries, version, out.
 """
 
 from __future__ import annotations

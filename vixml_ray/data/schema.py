@@ -107,6 +107,27 @@ INDEX_LABELS_SCHEMA = pa.schema(
     ]
 )
 
+
+def query_embedding_schema(dim: int) -> pa.Schema:
+    """Training-query embedding shards of an index version (``<index>/versions/vN/queries/part-*.parquet``, written
+    when ``infer.raa.enabled``): one row per training item, ``row`` = item row in ``train.parquet``. The same layout
+    as :func:`label_embedding_schema`, so one shard reader serves both."""
+    return label_embedding_schema(dim)
+
+
+# ``<index>/versions/vN/queries.parquet`` (written by :mod:`vixml_ray.index.refresh` with ``infer.raa.enabled``): the
+# training queries a version holds, by row: their label rows (the votes of retrieval-augmented inference), content
+# hashes for the next incremental refresh, the version that embedded each.
+INDEX_QUERIES_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),  # train item row
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),  # hex BLAKE2b-128 of text, image mask and features
+        pa.field("source_version", pa.string(), nullable=False),
+        pa.field("labels", pa.list_(pa.int32()), nullable=False),  # label rows of the item (binary votes)
+    ]
+)
+
 # ``<eval out>/predictions.parquet`` (written by :mod:`vixml_ray.eval.evaluate`): the ranked labels of each test row
 # after the filter pairs were removed, best first.
 PREDICTIONS_SCHEMA = pa.schema(

@@ -10,6 +10,11 @@ ground truth is untouched; the index fetches enough extra candidates). Metrics c
 materialised in the object store before the shard actors start, so the embedding actors and the shards never
 compete for the same CPUs or GPUs.
 
+With ``infer.raa.enabled`` the predictions are retrieval-augmented (:mod:`vixml_ray.index.raa`): the index version
+must hold the training-query embeddings (refresh with ``infer.raa.enabled=true``; the temporary refresh does), the
+shards serve both parts, and the filter pairs are removed after the label and neighbour scores are combined. The
+same index version serves evaluations with RAA on and off.
+
 The output directory (published atomically) holds ``metrics.json``, ``metrics.md``, ``metrics.png``,
 ``predictions.parquet`` (:data:`~vixml_ray.data.schema.PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
 """
@@ -17,6 +22,7 @@ The output directory (published atomically) holds ``metrics.json``, ``metrics.md
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from typing import Any, Iterator
@@ -34,7 +40,10 @@ from vixml_ray.data.schema import PREDICTIONS_SCHEMA
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest
+from vixml_ray.index.raa import augmented_search, served_parts
 from vixml_ray.index.refresh import check_embedded_by, refresh_labels
+from vixml_ray.index.tables import train_label_matrix
+from vixml_ray.index.versions import QUERIES
 from vixml_ray.ray_utils import init_ray
 from vixml_ray.serve.batch import embed_split
 from vixml_ray.serve.export import Export, absolute_uri, feature_cache, read_export
@@ -54,10 +63,11 @@ def rows_pairs(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.stack([np.repeat(np.arange(len(rows)), counts), picked], axis=1)
 
 
-def retrieve(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex
-             ) -> tuple[np.ndarray, np.ndarray]:
+def retrieve(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex,
+             train_labels: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top ``eval.topk`` (ids int64, scores float32) of every test row of the embedded ``queries`` ({row,
-    embedding}), filter pairs removed; -1/-inf padding."""
+    embedding}), filter pairs removed; -1/-inf padding. With ``train_labels`` (the index version's training label
+    matrix) the search is retrieval-augmented with ``infer.raa``."""
     n, topk = dataset.num_test, cfg.eval.topk
     ids = np.full((n, topk), -1, dtype=np.int64)
     scores = np.full((n, topk), -np.inf, dtype=np.float32)
@@ -66,7 +76,12 @@ def retrieve(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: Sh
     seen = np.zeros(n, dtype=bool)
     for batch in queries.iter_batches(batch_size=cfg.infer.rows_per_batch, batch_format="numpy"):
         rows = np.asarray(batch["row"], dtype=np.int64)
-        result = index.search(batch["embedding"], topk, exclude=rows_pairs(pairs, rows))
+        exclude = rows_pairs(pairs, rows)
+        if train_labels is None:
+            result = index.search(batch["embedding"], topk, exclude=exclude)
+        else:
+            with index.pinned() as view:
+                result = augmented_search(view, batch["embedding"], topk, cfg.infer.raa, train_labels, exclude)
         ids[rows], scores[rows] = result.ids, result.scores
         seen[rows] = True
     if not seen.all():
@@ -165,11 +180,13 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         if manifest.num_labels != dataset.num_labels:
             raise ValueError(f"index version {manifest.version} of {index_uri} holds {manifest.num_labels} labels, "
                              f"the dataset {dataset.uri} has {dataset.num_labels}")
+        parts = served_parts(cfg.infer.raa, manifest, index_uri)
+        train_labels = train_label_matrix(index_uri, manifest) if QUERIES in parts else None
         t0 = time.perf_counter()
         queries = embed_split(cfg, export, dataset, "test", features).materialize()
         t1 = time.perf_counter()
-        with ShardedIndex(index_uri, cfg.index, manifest.version) as index:
-            ids, scores = retrieve(cfg, dataset, queries, index)
+        with ShardedIndex(index_uri, cfg.index, manifest.version, parts) as index:
+            ids, scores = retrieve(cfg, dataset, queries, index, train_labels)
         t2 = time.perf_counter()
     result = {
         **score(cfg, dataset, ids),
@@ -177,6 +194,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
                    "filter_pairs": int(len(dataset.filter_pairs())), "topk": cfg.eval.topk},
         "index": {"dir": None if index_dir is None else index_uri, "version": manifest.version,
                   "temporary": index_dir is None},
+        "raa": dataclasses.asdict(cfg.infer.raa),
         "export": export.identity(),
         "dataset": {"uri": dataset.uri, "content_hash": dataset.manifest.get("content_hash")},
         "timing": {"embed_s": round(t1 - t0, 3), "search_s": round(t2 - t1, 3),
@@ -192,4 +210,5 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
     shown = [f"{name}@{j}" for name in ("P", "nDCG", "PSP", "PSnDCG", "R") for j in sorted({1, 3, k}) if j <= k]
     return {**{m: round(result["metrics"][m], 6) for m in shown}, "queries": dataset.num_test,
             "queries_per_s": result["timing"]["queries_per_s"], "version": manifest.version,
+            "raa": cfg.infer.raa.enabled,
             "seconds": round(time.perf_counter() - started, 2), "out": out_uri}

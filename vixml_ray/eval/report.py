@@ -1,7 +1,7 @@
 """Human-readable evaluation reports: a markdown table and a PNG (metrics at k = 1..K, P@K by label decile).
 
 Reads the result dictionary :func:`vixml_ray.eval.evaluate.evaluate` writes to ``metrics.json`` (``k``, ``at_k``,
-``deciles``, ``counts``, ``index``); values are fractions there and percentages here.
+``deciles``, ``counts``, ``index``, ``raa``); values are fractions there and percentages here.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ def markdown(result: dict[str, Any]) -> str:
     k, at_k = result["k"], result["at_k"]
     names = [n for n in ORDER if n in at_k]
     counts = result["counts"]
+    raa = result.get("raa") or {}
+    inference = (f"retrieval-augmented (lam {raa['lam']}, temperature {raa['temperature']}, {raa['neighbors']} "
+                 "training-query neighbours)" if raa.get("enabled") else "plain label search")
     lines = [
         "# Evaluation",
         "",
-        f"{counts['queries']} test queries, {counts['labels']} labels, top {counts['topk']} retrieved, "
-        f"{counts['filter_pairs']} filter pairs removed from the predictions; index version "
+        f"{counts['queries']} test queries, {counts['labels']} labels, top {counts['topk']} retrieved by "
+        f"{inference}, {counts['filter_pairs']} filter pairs removed from the predictions; index version "
         f"{result['index']['version']}. Values in %.",
         "",
         "| metric | " + " | ".join(f"@{j}" for j in range(1, k + 1)) + " |",

@@ -1,7 +1,10 @@
-"""The label index: versioned label-embedding sets on storage, FAISS shard actors, exact sharded top-k."""
+"""The label index: versioned label-embedding sets (and, for retrieval-augmented inference, training-query
+embeddings) on storage, FAISS shard actors, exact sharded top-k."""
 
-from vixml_ray.index.sharded import SearchResult, ShardedIndex, shard_bounds
+from vixml_ray.index.sharded import IndexView, SearchResult, ShardedIndex, shard_bounds
 from vixml_ray.index.versions import (
+    LABELS,
+    QUERIES,
     Manifest,
     VersionWriter,
     current_version,
@@ -12,6 +15,9 @@ from vixml_ray.index.versions import (
 )
 
 __all__ = [
+    "LABELS",
+    "QUERIES",
+    "IndexView",
     "Manifest",
     "SearchResult",
     "ShardedIndex",

@@ -18,7 +18,8 @@ MIN_POINTS_PER_LIST = 39  # faiss k-means wants >= 39 training points per centro
 def build_index(vectors: np.ndarray, cfg: IndexConfig, use_gpu: bool = False) -> faiss.Index:
     """An inner-product index over ``vectors`` ((n, dim) float32): exact ``flat`` (IndexFlatIP), ``hnsw``
     (IndexHNSWFlat) or ``ivf`` (IndexIVFFlat trained on these vectors; ``nlist`` is capped at n / 39 for small
-    blocks). ``use_gpu`` moves flat and IVF indexes to all visible GPUs (faiss has no GPU HNSW)."""
+    blocks). ``use_gpu`` moves flat and IVF indexes to all visible GPUs (faiss has no GPU HNSW). CPU indexes can give
+    their vectors back by id (:func:`vectors_of`; IVF keeps a direct map for that)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     if cfg.kind == "flat":
@@ -44,7 +45,17 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, use_gpu: bool = False) ->
         log.warning("faiss has no GPU HNSW; the HNSW shard stays on CPU")
     if n:
         index.add(vectors)
+    if cfg.kind == "ivf" and not use_gpu:
+        index.make_direct_map()
     return index
+
+
+def vectors_of(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of local ``ids`` ((m, dim) float32) of a CPU index from :func:`build_index`."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return np.zeros((0, index.d), dtype=np.float32)
+    return index.reconstruct_batch(ids)
 
 
 def search_sorted(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

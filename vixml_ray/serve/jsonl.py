@@ -140,5 +140,6 @@ def predict_file(export_uri: str, index_dir: str, queries_uri: str, out_uri: str
         predict_s = time.perf_counter() - ready
     return {"queries": counts["predicted"] + counts["skipped"], "predicted": counts["predicted"],
             "skipped": counts["skipped"], "image_errors": dict(image_errors), "versions": sorted(versions), "k": k,
+            "raa": cfg.infer.raa.enabled,
             "queries_per_s": round(counts["predicted"] / predict_s, 2) if predict_s > 0 else 0.0,
             "seconds": round(time.perf_counter() - started, 2), "out": out_uri}

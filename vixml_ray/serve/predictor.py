@@ -6,6 +6,10 @@ training, and the trained model embeds both; the :class:`~vixml_ray.index.Sharde
 predictor refuses an index version embedded by another export, or whose label image features came from another
 vision model than the export's, and reads label names from the answering version's ``labels.parquet``, so the
 names always match the version that answered (also across :meth:`Predictor.swap`).
+
+With ``infer.raa.enabled`` the scores are retrieval-augmented (:mod:`vixml_ray.index.raa`) exactly as in
+:func:`vixml_ray.eval.evaluate.evaluate`: the shards also serve the version's training queries, and a batch's label
+search, neighbour search and training label matrix all come from one version.
 """
 
 from __future__ import annotations
@@ -13,20 +17,25 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 
 from vixml_ray.config import Config, ConfigError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
-from vixml_ray.index.refresh import check_embedded_by, read_labels
+from vixml_ray.index.raa import augmented_search, served_parts
+from vixml_ray.index.refresh import check_embedded_by
+from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import embed_arrays
 from vixml_ray.model.tokens import tokenize
 from vixml_ray.serve.batch import inference_device
 from vixml_ray.serve.export import absolute_uri, check_feature_model, read_export
 from vixml_ray.serve.images import ImageFeaturizer, ImageInput
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class Query:
 class Prediction:
     ids: list[int]  # label rows, best first
     names: list[str]  # label texts
-    scores: list[float]  # inner products of unit vectors
+    scores: list[float]  # inner products of unit vectors (retrieval-augmented scores with infer.raa.enabled)
     version: str  # the index version that answered
     image_errors: list[str | None] = field(default_factory=list)  # per given image: why it was masked, or None
 
@@ -63,12 +72,14 @@ class Predictor:
         if self.images is not None and self.images.dim != self.export.image_dim:
             raise ConfigError(f"the vision tower gives {self.images.dim}-d features, the export expects "
                               f"{self.export.image_dim}")
-        self._names: dict[str, pa.Array] = {}
-        self._names_lock = threading.Lock()
-        self.index = ShardedIndex(self.index_dir, self.cfg.index, manifest.version)
+        self._per_version: dict[tuple[str, str], object] = {}
+        self._cache_lock = threading.Lock()
+        self.index = ShardedIndex(self.index_dir, self.cfg.index, manifest.version,
+                                  served_parts(self.cfg.infer.raa, manifest, self.index_dir))
 
     def _check(self, manifest: Manifest) -> None:
         check_embedded_by(manifest, self.export, self.index_dir)
+        served_parts(self.cfg.infer.raa, manifest, self.index_dir)  # RAA needs the training queries
         if self.export.uses_images:
             features = manifest.identity.get("features") or {}
             where = f"index version {manifest.version} of {self.index_dir}"
@@ -103,21 +114,35 @@ class Predictor:
         tokens = tokenize(self.embedder.tokenizer, [q.text for q in queries], self.embedder.cfg.model.max_length)
         return embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.cfg.infer.batch_size), errors
 
+    def _cached(self, what: str, version: str, load: Callable[[], T]) -> T:
+        """``load()`` of a version's ``what``, kept for the two most recent versions."""
+        with self._cache_lock:
+            key = (what, version)
+            if key not in self._per_version:
+                self._per_version[key] = load()
+                for old in [k for k in self._per_version if k[0] == what][:-2]:
+                    del self._per_version[old]
+            return self._per_version[key]  # type: ignore[return-value]
+
     def label_names(self, version: str) -> pa.Array:
-        """The label texts of an index version, by row (kept for the two most recent versions)."""
-        with self._names_lock:
-            if version not in self._names:
-                self._names[version] = read_labels(self.index_dir, version, ["text"]).column("text").combine_chunks()
-                for old in list(self._names)[:-2]:
-                    del self._names[old]
-            return self._names[version]
+        """The label texts of an index version, by row."""
+        return self._cached("names", version, lambda: read_labels(self.index_dir, version, ["text"]).column(
+            "text").combine_chunks())
+
+    def train_labels(self, manifest: Manifest) -> sp.csr_matrix:
+        """The (training queries x labels) matrix of an index version (retrieval-augmented inference)."""
+        return self._cached("train_labels", manifest.version, lambda: train_label_matrix(self.index_dir, manifest))
 
     def predict(self, queries: Sequence[Query], k: int) -> list[Prediction]:
         """The top ``k`` labels of every query (fewer when the index holds fewer labels)."""
         if not queries:
             return []
         embeddings, errors = self.embed(queries)
-        result = self.index.search(embeddings, k)
+        if self.cfg.infer.raa.enabled:
+            with self.index.pinned() as view:
+                result = augmented_search(view, embeddings, k, self.cfg.infer.raa, self.train_labels(view.manifest))
+        else:
+            result = self.index.search(embeddings, k)
         names = self.label_names(result.version)
         out = []
         for ids, scores, image_errors in zip(result.ids, result.scores, errors):
