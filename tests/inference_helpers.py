@@ -13,7 +13,7 @@ from vixml_ray.config import Config, load_config
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.data.synthetic import generate_synthetic
-from vixml_ray.model import build_embedder, embed_arrays, load_export, tokenize
+from vixml_ray.model import array_images, build_embedder, embed_arrays, load_export, tokenize
 from vixml_ray.vision import cache
 from vixml_ray.vision.bank import FeatureBank
 from vixml_ray.vision.tiny import TINY_OPEN_CLIP, TINY_OPEN_CLIP_NAME
@@ -90,4 +90,4 @@ def reference_embeddings(export: str, dataset: str, split: str) -> np.ndarray:
     if embedder.use_images:
         bank = FeatureBank.open(dataset, feature_slug(embedder.cfg.vision))
         feats, mask = (t.numpy() for t in bank.get(split, np.arange(ds.num_rows(split))))
-    return embed_arrays(embedder, tokens, feats, mask, batch_size=5)
+    return embed_arrays(embedder, tokens, array_images(feats, mask), batch_size=5)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig, Qwen2Config, ViTConfig
 
 from vixml_ray.config import ConfigError, load_config
-from vixml_ray.model import build_embedder, embed_arrays, load_export, tokenize
+from vixml_ray.model import array_images, build_embedder, embed_arrays, load_export, tokenize
 from vixml_ray.model.backbone import detect_kind
 
 IMAGE_DIM = 8
@@ -154,7 +154,7 @@ def test_embed_arrays_matches_forward_in_row_order(cache_dir):
     tokens = tokenize(embedder.tokenizer, TEXTS, 16)
     text_ids, lengths, feats, mask = inputs(embedder)
     rows = np.array([4, 0, 2, 3])
-    out = embed_arrays(embedder, tokens, feats.numpy(), mask.numpy(), rows=rows, batch_size=2)
+    out = embed_arrays(embedder, tokens, array_images(feats.numpy(), mask.numpy()), rows=rows, batch_size=2)
     expected = embedder(text_ids[rows], lengths[rows], feats[rows], mask[rows])
     np.testing.assert_allclose(out, expected.detach().numpy(), atol=1e-5)
 

@@ -100,6 +100,10 @@ def test_label_clusters_are_balanced_and_powers_of_two() -> None:
     ids = cluster_labels(emb, 64, seed=0)
     assert set(np.bincount(ids, minlength=64)) <= {11, 12}
     np.testing.assert_array_equal(cluster_labels(emb[:5], 5, seed=0), np.arange(5))
+    many = np.random.default_rng(1).normal(size=(11387, 4)).astype(np.float32)  # dnb's label count
+    for requested in (8192, 2, 65536):
+        count = num_prototype_clusters(requested, len(many))
+        assert len(np.unique(cluster_labels(many, count, seed=0))) == count
 
 
 def test_prime_loss_terms_and_switches() -> None:
@@ -121,6 +125,11 @@ def test_prime_loss_terms_and_switches() -> None:
     assert text.grad is None and protos.grad.abs().sum() > 0  # text scores are targets of the regulariser
     # prototypes that beat every text score by the margin: no regulariser loss
     assert prototype_regularizer(q[:5], torch.zeros(5, 8), q[:5], pos[:5], mask[:5], 3, 0.1).item() == 0.0
+
+
+def test_prototypes_must_be_trained_by_some_term(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prototype_weight"):
+        _config(tmp_path, **{"train.prototype_loss.prototype_weight": 0, "train.prototype_loss.regularizer_weight": 0})
 
 
 def test_prototypes_need_the_label_count_and_a_head_count_dividing_the_size(tmp_path: Path) -> None:
@@ -185,3 +194,25 @@ def test_the_label_index_serves_prototypes(ray_session: object, dataset: tuple[P
     metrics = evaluate(export, out, str(root / "eval"), index_dir=str(root / "index"))
     assert 100 * metrics["P@1"] == pytest.approx(trained["test_P@1"], abs=1e-3)
     assert 100 * metrics["P@5"] == pytest.approx(trained["test_P@5"], abs=1e-3)
+
+
+def test_prototypes_refuse_another_label_set(ray_session: object, dataset: tuple[Path, str], trained: dict,
+                                             tmp_path: Path) -> None:
+    """Prototypes are per label row: refreshing them over a different label catalogue is an error, not a silent
+    mix-up of labels."""
+    from vixml_ray.index.refresh import refresh_labels
+
+    root, out = dataset
+    other = str(tmp_path / "other")
+    generate_synthetic(other, _config(root, other, **{"data.synthetic.num_topics": 13}))
+    with pytest.raises(ValueError, match="another label set"):
+        refresh_labels(trained["checkpoint"], other, str(tmp_path / "index"))
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_time_budget_stops_training_and_still_exports(dataset: tuple[Path, str], tmp_path: Path) -> None:
+    root, out = dataset
+    summary = train(_config(root, out, **{"train.max_minutes": 1e-6, "model.prototypes.enabled": False}),
+                    run_dir=str(tmp_path / "budget"), resume=False)
+    assert summary["steps"] == 1 and summary["epochs"] == 0 and "test_P@1" in summary
+    assert (Path(summary["checkpoint"]) / "trainable.safetensors").is_file()

@@ -398,6 +398,10 @@ def validate(cfg: Config) -> None:
     for name in cfg.data.text_fields:
         if name not in ("title", "content"):
             raise ConfigError(f"invalid value for 'data.text_fields': '{name}' (fields: title, content)")
+    loss = cfg.train.prototype_loss
+    if cfg.model.prototypes.enabled and loss.prototype_weight == 0 and loss.regularizer_weight == 0:
+        raise ConfigError("'model.prototypes.enabled' is true but 'train.prototype_loss.prototype_weight' and "
+                          "'train.prototype_loss.regularizer_weight' are both 0: nothing would train the prototypes")
     if cfg.train.margin_min > cfg.train.margin_max:
         raise ConfigError("invalid values: 'train.margin_min' must not exceed 'train.margin_max'")
     if cfg.train.engine == "deepspeed" and cfg.train.num_workers == 0:

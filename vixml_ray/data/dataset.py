@@ -7,6 +7,8 @@ image feature cache in the manifest's ``features`` map (called by the image embe
 
 from __future__ import annotations
 
+import hashlib
+
 import contextlib
 import os
 import re
@@ -95,6 +97,13 @@ class Dataset:
 
     def uids(self, split: str) -> list[str]:
         return self.table(split, ["uid"]).column("uid").to_pylist()
+
+    def label_catalogue(self) -> str:
+        """SHA-256 of the label uids in row order: models with per-label state (prototypes) are tied to it."""
+        digest = hashlib.sha256()
+        for uid in self.uids("label"):
+            digest.update(uid.encode("utf-8") + b"\n")
+        return digest.hexdigest()
 
     def label_matrix(self, split: str, rows: Optional[np.ndarray] = None) -> sp.csr_matrix:
         """Ground truth as CSR [rows x num_labels] (values = ``target_rel``) of ``train`` or ``test``, optionally

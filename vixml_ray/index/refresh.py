@@ -256,6 +256,7 @@ def refresh_labels(export_uri: str, dataset_uri: str, index_dir: str, cfg: Confi
     index_dir = absolute_uri(index_dir)  # Ray workers write the parts: no path relative to the driver's directory
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
     dataset = open_dataset(absolute_uri(dataset_uri))
+    export.check_labels(dataset)
     features = feature_cache(cfg, export, dataset)
     tables = {LABELS: content_hashes(cfg, dataset, "label", features)}
     if cfg.infer.raa.enabled:

@@ -63,6 +63,7 @@ class Embedder(nn.Module):
         self.backbone = backbone.model
         self.projection = nn.Linear(image_dim, self.hidden_size) if self.image_dim is not None else None
         self.prototypes: LabelPrototypes | None = None
+        self.label_catalogue: str | None = None  # the label set the prototypes index (Dataset.label_catalogue)
         if model_cfg.prototypes.enabled:
             if num_labels is None:
                 raise ConfigError("'model.prototypes.enabled' is true but the number of labels was not given")
@@ -161,6 +162,7 @@ class Embedder(nn.Module):
             storage.write_json(storage.join(staging, EXPORT_FILE), {
                 "format": EXPORT_FORMAT, "image_dim": self.image_dim, "kind": self.kind,
                 "hidden_size": self.hidden_size, "num_tensors": len(tensors), "num_labels": self.num_labels,
+                "label_catalogue": self.label_catalogue,
             })
 
 
@@ -192,7 +194,10 @@ def load_export(directory: str) -> Embedder:
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_uri}: unsupported export format {meta.get('format')} (expected {EXPORT_FORMAT})")
     cfg = _load_config_uri(storage.join(root, CONFIG_FILE))
+    if cfg.model.prototypes.enabled and not meta.get("num_labels"):
+        raise ValueError(f"{meta_uri}: the model has label prototypes but no 'num_labels'")
     embedder = build_embedder(cfg, meta["image_dim"], meta.get("num_labels"))
+    embedder.label_catalogue = meta.get("label_catalogue")
     fs, path = storage.filesystem(storage.join(root, WEIGHTS_FILE))
     with fs.open_input_stream(path) as f:
         state = load_safetensors(f.read())

@@ -16,7 +16,7 @@ from vixml_ray import storage
 from vixml_ray.config import Config, InferConfig
 from vixml_ray.data.dataset import Dataset
 from vixml_ray.model.embedder import load_export
-from vixml_ray.model.inference import embed_arrays
+from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
 from vixml_ray.serve.export import Export, FeatureCache, export_fingerprint
 
@@ -56,7 +56,7 @@ class BatchEmbedder:
         feats = mask = None
         if self.bank is not None:
             feats, mask = (t.numpy() for t in self.bank.get(self.split, rows))
-        embeddings = embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.batch_size,
+        embeddings = embed_arrays(self.embedder, tokens, array_images(feats, mask), batch_size=self.batch_size,
                                   label_ids=rows if self.split == "label" else None)
         return {"row": rows, "embedding": embeddings}
 

@@ -50,6 +50,17 @@ class Export:
     def uses_images(self) -> bool:
         return self.image_dim is not None
 
+    def check_labels(self, dataset: Dataset) -> None:
+        """A model with label prototypes scores exactly the labels it was trained with, by row: the dataset's label
+        catalogue (uids in row order) must be that one."""
+        catalogue = self.meta.get("label_catalogue")
+        if catalogue is None:
+            return
+        if dataset.num_labels != self.meta.get("num_labels") or dataset.label_catalogue() != catalogue:
+            raise ValueError(f"the export {self.uri} has label prototypes for {self.meta.get('num_labels')} labels "
+                             f"of another label set than {dataset.file_uri('label')} ({dataset.num_labels} labels); "
+                             "use the dataset it was trained on, or retrain")
+
     def identity(self) -> dict[str, Any]:
         """What an index version records about the model that embedded its labels."""
         return {"uri": self.uri, "fingerprint": self.fingerprint, "model": self.cfg.model.name_or_path,

@@ -29,7 +29,7 @@ from vixml_ray.index.raa import augmented_search, served_parts
 from vixml_ray.index.refresh import check_embedded_by
 from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
-from vixml_ray.model.inference import embed_arrays
+from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
 from vixml_ray.serve.batch import inference_device
 from vixml_ray.serve.export import absolute_uri, check_feature_model, read_export
@@ -112,7 +112,7 @@ class Predictor:
         if self.images is not None:
             feats, mask, errors = self.images.features([q.images for q in queries])
         tokens = tokenize(self.embedder.tokenizer, [q.text for q in queries], self.embedder.cfg.model.max_length)
-        return embed_arrays(self.embedder, tokens, feats, mask, batch_size=self.cfg.infer.batch_size), errors
+        return embed_arrays(self.embedder, tokens, array_images(feats, mask), batch_size=self.cfg.infer.batch_size), errors
 
     def _cached(self, what: str, version: str, load: Callable[[], T]) -> T:
         """``load()`` of a version's ``what``, kept for the two most recent versions."""

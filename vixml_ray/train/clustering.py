@@ -32,11 +32,13 @@ def tree_depth(n: int, cluster_size: int) -> int:
 
 
 def balanced_clusters(
-    x: np.ndarray, cluster_size: int, seed: int = 0, iters: int = 3, block_rows: int = 1 << 18
+    x: np.ndarray, cluster_size: int, seed: int = 0, iters: int = 3, block_rows: int = 1 << 18,
+    depth: int | None = None,
 ) -> np.ndarray:
     """Cluster id (``int64 [n]``, ``0..2^depth-1``) of every row of ``x`` (``[n, dim]`` float32).
 
-    All clusters have ``n // 2^depth`` or that plus one rows, where ``depth = tree_depth(n, cluster_size)``.
+    All clusters have ``n // 2^depth`` or that plus one rows, where ``depth = tree_depth(n, cluster_size)`` unless
+    given (at most log2(n)).
     ``block_rows`` bounds the rows gathered at once (memory: about ``block_rows * dim * 8`` bytes).
     """
     if x.ndim != 2:
@@ -45,7 +47,10 @@ def balanced_clusters(
         raise ValueError(f"iters must be >= 1, got {iters}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
-    depth = tree_depth(n, cluster_size)
+    if depth is None:
+        depth = tree_depth(n, cluster_size)
+    elif not 0 <= depth <= max(0, int(math.log2(max(n, 1)))):
+        raise ValueError(f"depth {depth} needs 0 <= depth <= log2(n) = {math.log2(max(n, 1)):.2f}")
     rng = np.random.default_rng(seed)
     order = np.arange(n, dtype=np.int64)
     for level in range(depth):
@@ -61,13 +66,14 @@ def balanced_clusters(
                 j1 = min(k, j0 + per_block)
                 _split_small_nodes(x, order, bounds[j0 : j1 + 1], mids[j0:j1], (first[j0:j1], second[j0:j1]), iters)
     ids = np.empty(n, dtype=np.int64)
-    ids[order] = np.repeat(np.arange(1 << depth, dtype=np.int64), cluster_sizes(n, cluster_size))
+    ids[order] = np.repeat(np.arange(1 << depth, dtype=np.int64), cluster_sizes(n, cluster_size, depth))
     return ids
 
 
-def cluster_sizes(n: int, cluster_size: int) -> np.ndarray:
-    """Rows of each cluster id of :func:`balanced_clusters` for ``n`` rows: fixed by ``n`` and the depth alone."""
-    leaves = 1 << tree_depth(n, cluster_size)
+def cluster_sizes(n: int, cluster_size: int, depth: int | None = None) -> np.ndarray:
+    """Rows of each cluster id of :func:`balanced_clusters` for ``n`` rows: fixed by ``n`` and the depth alone
+    (default ``tree_depth(n, cluster_size)``)."""
+    leaves = 1 << (tree_depth(n, cluster_size) if depth is None else depth)
     return np.diff(np.arange(leaves + 1, dtype=np.int64) * n // leaves)
 
 

@@ -103,7 +103,9 @@ class TorchEngine:
         chunked = ChunkedEmbedder(self.embedder)
         if dist.is_distributed():
             device_ids = [device.index] if device.type == "cuda" else None
-            self.module: nn.Module = nn.parallel.DistributedDataParallel(chunked, device_ids=device_ids)
+            # buffers (prototype centroids and clusters) are computed identically on every rank: no per-step broadcast
+            self.module: nn.Module = nn.parallel.DistributedDataParallel(chunked, device_ids=device_ids,
+                                                                         broadcast_buffers=False)
         else:
             self.module = chunked
         self.optimizer = build_optimizer(self.embedder, train)

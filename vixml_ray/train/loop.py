@@ -35,7 +35,7 @@ from vixml_ray.train.positives import PositiveSampler
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import make_step_batch, train_step
-from vixml_ray.train.validation import embed_rows, label_vectors, retrieval_metrics
+from vixml_ray.train.validation import embed_rows, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class LoopState:
     epoch: int = 0
     batch: int = 0
     step: int = 0
+    train_s: float = 0.0  # seconds spent in run() so far, over every (resumed) process: the max_minutes budget
     first_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -73,12 +74,12 @@ class Trainer:
     total_steps: int  # planned optimiser steps (the LR schedule's length)
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
-    _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() when run() began
+    _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() at run() minus earlier runs' time
 
     # ----------------------------------------------------------------------------------------------- epochs
     def run(self) -> dict[str, Any]:
         train = self.cfg.train
-        self._started = time.perf_counter()
+        self._started = time.perf_counter() - self.state.train_s
         stop = self._reached_limit()
         while self.state.epoch < train.epochs and not stop:
             epoch = self.state.epoch
@@ -130,23 +131,35 @@ class Trainer:
             return True
         if train.max_minutes is None:
             return False
-        return bool(dist.broadcast_object(time.perf_counter() - self._started >= 60.0 * train.max_minutes))
+        return bool(dist.broadcast_object(self._elapsed() >= 60.0 * train.max_minutes))
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._started
 
     def start_epoch(self, epoch: int) -> None:
         """Embeds the training queries once when this epoch needs them (new clusters, prototype centroids), then
         updates the clusters and the centroids."""
         size = self.schedule.cluster_size(epoch)
         new_clusters = size is not None and (self.schedule.refresh(epoch) or self.sampler.cluster_size is None)
-        prototypes = self.engine.embedder.prototypes
         emb = None
-        if new_clusters or prototypes is not None:
-            start = time.perf_counter()
-            emb = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train",
-                             self.sampler.rows, self.cfg.eval.batch_size, self.runtime.device)
-            log.info("embedded %d training queries in %.1f s", len(emb), time.perf_counter() - start)
-        if prototypes is not None:
-            prototypes.set_centroids(*label_centroids(emb, self.inputs.train_labels[self.sampler.rows]))
+        if new_clusters or self.engine.embedder.prototypes is not None:
+            emb = self.embed_training_queries()
+            self.update_centroids(emb)
         self.update_clusters(epoch, emb)
+
+    def embed_training_queries(self) -> np.ndarray:
+        """The current embeddings of the training queries (rows of ``sampler.rows``), the same on every rank."""
+        start = time.perf_counter()
+        emb = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train",
+                         self.sampler.rows, self.cfg.eval.batch_size, self.runtime.device)
+        log.info("embedded %d training queries in %.1f s", len(emb), time.perf_counter() - start)
+        return emb
+
+    def update_centroids(self, emb: np.ndarray) -> None:
+        """With prototypes: every label's centroid = the exact mean of its training queries' embeddings ``emb``."""
+        if self.engine.embedder.prototypes is not None:
+            centroids = label_centroids(emb, self.inputs.train_labels[self.sampler.rows])
+            self.engine.embedder.prototypes.set_centroids(*centroids)
 
     def update_clusters(self, epoch: int, emb: np.ndarray | None) -> None:
         """Random batches before the start; new clusters from the training queries' embeddings ``emb`` (rows of
@@ -175,9 +188,8 @@ class Trainer:
     def label_embeddings(self) -> np.ndarray:
         """The vectors labels are scored with (prototypes when the model has them)."""
         rows = np.arange(self.inputs.dataset.num_labels)
-        text = embed_rows(self.engine.embedder, self.inputs.tokens["label"], self.inputs.images, "label", rows,
-                          self.cfg.eval.batch_size, self.runtime.device)
-        return label_vectors(self.engine.embedder, text, self.cfg.eval.batch_size, self.runtime.device)
+        return embed_rows(self.engine.embedder, self.inputs.tokens["label"], self.inputs.images, "label", rows,
+                          self.cfg.eval.batch_size, self.runtime.device, as_labels=True)
 
     def validate(self) -> dict[str, float]:
         rows = self.inputs.val_rows
@@ -197,6 +209,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def report_with_checkpoint(self, metrics: dict[str, Any]) -> None:
+        self.state.train_s = self._elapsed()
         directory = tempfile.mkdtemp(prefix="vixml-ckpt-")
         try:
             self.engine.save(directory)
@@ -231,6 +244,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- end
     def finish(self) -> dict[str, Any]:
+        if self.engine.embedder.prototypes is not None:  # the served centroids are those of the final model
+            self.update_centroids(self.embed_training_queries())
         test = self.test()
         export = self.runtime.output_dir
         self.engine.export(export)
@@ -283,8 +298,10 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     inputs = load_inputs(cfg, load_tokenizer(cfg.model, cfg.cache_dir))
     embedder = build_embedder(cfg, inputs.image_dim, inputs.dataset.num_labels)
     resume = runtime.latest_checkpoint()
-    if embedder.prototypes is not None and not resume:
-        init_prototypes(embedder, inputs, cfg, runtime.device)
+    if embedder.prototypes is not None:
+        embedder.label_catalogue = inputs.dataset.label_catalogue()
+        if not resume:
+            init_prototypes(embedder, inputs, cfg, runtime.device)
     positives = PositiveSampler(inputs.train_labels, train.seed,
                                 inputs.inv_propensity if train.propensity_sampling else None)
     rows = np.intersect1d(inputs.train_rows, positives.rows_with_labels())

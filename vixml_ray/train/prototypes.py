@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 def label_centroids(query_emb: np.ndarray, labels: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """(centroid float32 [L, H], has_centroid bool [L]): each label's exact mean of the embeddings ``query_emb``
     [N, H] of its queries (rows of ``labels`` [N, L]); zeros and False for a label without queries."""
-    labels = sp.csr_matrix(labels, dtype=np.float64)
-    labels.data[:] = 1.0
+    labels = sp.csr_matrix(labels).astype(bool).astype(np.float64)  # a copy: relevance values do not weigh
     counts = np.asarray(labels.sum(axis=0)).ravel()
     sums = labels.T @ np.asarray(query_emb, dtype=np.float64)
     centroid = sums / np.maximum(counts, 1)[:, None]
@@ -39,10 +38,11 @@ def cluster_labels(label_emb: np.ndarray, num_clusters: int, seed: int) -> np.nd
     num_labels = len(label_emb)
     if num_clusters >= num_labels:
         return np.arange(num_labels, dtype=np.int64)
-    ids = np.asarray(balanced_clusters(label_emb, math.ceil(num_labels / num_clusters), seed=seed), dtype=np.int64)
-    if int(ids.max()) + 1 != num_clusters:
-        raise RuntimeError(f"label clustering made {int(ids.max()) + 1} clusters, expected {num_clusters}")
-    return ids
+    depth = num_clusters.bit_length() - 1
+    if 1 << depth != num_clusters:
+        raise ValueError(f"num_clusters must be a power of two below the label count, got {num_clusters}")
+    return np.asarray(balanced_clusters(label_emb, math.ceil(num_labels / num_clusters), seed=seed, depth=depth),
+                      dtype=np.int64)
 
 
 def init_prototypes(embedder: Embedder, inputs: TrainInputs, cfg: Config, device: torch.device) -> None:

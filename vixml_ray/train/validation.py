@@ -14,64 +14,27 @@ import torch
 
 from vixml_ray.eval.metrics import filter_predictions, xmc_metrics
 from vixml_ray.model.embedder import Embedder
+from vixml_ray.model.inference import embed_arrays
 from vixml_ray.model.tokens import TokenArrays
 from vixml_ray.train import dist
 from vixml_ray.vision.bank import FeatureBank
 
 
 def embed_rows(embedder: Embedder, tokens: TokenArrays, images: FeatureBank | None, split: str, rows: np.ndarray,
-               batch_size: int, device: torch.device) -> np.ndarray:
-    """float32 [len(rows), hidden] embeddings of ``rows`` of ``split``, computed on all ranks together."""
+               batch_size: int, device: torch.device, as_labels: bool = False) -> np.ndarray:
+    """float32 [len(rows), hidden] embeddings of ``rows`` of ``split``, computed on all ranks together; with
+    ``as_labels`` (``split`` = "label") the vectors labels are scored with (their prototypes, when the model has
+    them)."""
     rows = np.asarray(rows, dtype=np.int64)
     world = dist.world_size()
     share = math.ceil(len(rows) / world) if len(rows) else 0
     padded = np.resize(rows, share * world) if len(rows) else rows
     mine = padded[dist.rank() * share : (dist.rank() + 1) * share]
-    local = _embed_local(embedder, tokens, images, split, mine, batch_size, device)
+    lookup = None if images is None else (lambda batch_rows: images.get(split, batch_rows))
+    label_ids = np.arange(len(tokens)) if as_labels else None
+    local = embed_arrays(embedder, tokens, lookup, mine, batch_size, device, label_ids=label_ids)
     gathered = dist.all_gather_array(local, [share] * world, device=device)
     return gathered[: len(rows)]
-
-
-def _embed_local(embedder: Embedder, tokens: TokenArrays, images: FeatureBank | None, split: str, rows: np.ndarray,
-                 batch_size: int, device: torch.device) -> np.ndarray:
-    order = np.argsort(np.asarray(tokens.lengths[rows]), kind="stable")  # similar lengths share a batch
-    out = np.empty((len(rows), embedder.hidden_size), dtype=np.float32)
-    was_training = embedder.training
-    embedder.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                positions = order[start : start + batch_size]
-                batch = tokens.take(rows[positions])
-                feats = mask = None
-                if images is not None:
-                    f, m = images.get(split, rows[positions])
-                    feats, mask = f.to(device=device, dtype=torch.float32), m.to(device=device, dtype=torch.bool)
-                emb = embedder(torch.as_tensor(batch.ids, dtype=torch.long, device=device),
-                               torch.as_tensor(batch.lengths, dtype=torch.long, device=device), feats, mask)
-                out[positions] = emb.float().cpu().numpy()
-    finally:
-        embedder.train(was_training)
-    return out
-
-
-def label_vectors(embedder: Embedder, text_emb: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """The vectors labels are scored with: ``text_emb`` [L, H] (all labels, in row order) through the embedder's
-    prototypes when it has them (every rank computes all of them, without gradients), else ``text_emb`` itself."""
-    if embedder.prototypes is None:
-        return text_emb
-    out = np.empty_like(text_emb)
-    was_training = embedder.training
-    embedder.eval()
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(text_emb), batch_size):
-                rows = torch.arange(lo, min(lo + batch_size, len(text_emb)), device=device)
-                text = torch.as_tensor(text_emb[lo : lo + batch_size], device=device)
-                out[lo : lo + batch_size] = embedder.label_vectors(text, rows).float().cpu().numpy()
-    finally:
-        embedder.train(was_training)
-    return out
 
 
 def retrieve(queries: np.ndarray, labels: np.ndarray, k: int, device: torch.device,
