@@ -14,8 +14,9 @@ For each dim (64 and 384) on the clustered labels, in the same run and on the sa
 
 Label refresh: the real label texts of ``--refresh-source`` (default ../shared/data/dnb_casimir_gnd, 11,387 GND
 subject names; with ``--quick`` cooking_stackexchange, 736 tags) embedded with the packaged pretrained all-MiniLM-L6-v2 by ``refresh_labels`` (Ray Data: read, hash,
-one actor pool given every CPU, parquet parts, commit) against the model's forward alone (``embed_arrays`` in this
-process on the same tokenised texts, the same threads and model batch size): labels/s of each and their ratio.
+one embedding actor given all CPUs but one, which the read and write tasks need, parquet parts, commit) against the
+model's forward alone (``embed_arrays`` in this process on the same tokenised texts, with the actor's threads and
+model batch size): labels/s of each and their ratio.
 
 Full run: 1M labels, 10k queries, k=100, S=4 (HNSW efConstruction 100: builds dominate with exact search).
 ``--quick``: 30k labels, 1k queries, 64-d only, the small refresh (about 1 min). ``--ann-kinds`` (none = exact
@@ -169,8 +170,9 @@ def bench_refresh(source: str, workdir: str, cpus: int) -> dict[str, Any]:
     from vixml_ray.index.refresh import refresh_labels
     from vixml_ray.model import build_embedder, embed_arrays, load_export, tokenize
 
+    threads = max(1, cpus - 1)  # the pipeline's read/write tasks need a CPU beside the embedding actor
     cfg = load_config(None, ["model.name_or_path=packaged:all-MiniLM-L6-v2", f"cache_dir={workdir}/cache",
-                             f"infer.num_cpus_per_actor={cpus}", "infer.batch_size=256", "data.filters=none"])
+                             f"infer.num_cpus_per_actor={threads}", "infer.batch_size=256", "data.filters=none"])
     dataset = os.path.join(workdir, "refresh-dataset")
     prepare_dataset(source, dataset, cfg)
     export = os.path.join(workdir, "refresh-export")
@@ -178,15 +180,15 @@ def bench_refresh(source: str, workdir: str, cpus: int) -> dict[str, Any]:
 
     texts = open_dataset(dataset).texts("label")
     embedder = load_export(export).eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cpus)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         tokens = tokenize(embedder.tokenizer, texts, cfg.model.max_length)
         start = time.perf_counter()
         embed_arrays(embedder, tokens, batch_size=cfg.infer.batch_size)
         forward_s = time.perf_counter() - start
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     summary = refresh_labels(export, dataset, os.path.join(workdir, "refresh-index"), cfg)
     out = {"labels": len(texts), "forward_labels_per_s": round(len(texts) / forward_s, 1),
            "refresh_labels_per_s": round(len(texts) / summary["seconds"], 1),
@@ -202,7 +204,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30k labels, 1k queries, 64-d only")
     parser.add_argument("--labels", type=int, default=None)
     parser.add_argument("--queries", type=int, default=None)
-    parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument("--dims", type=int, nargs="*", default=None, help="(none: skip the exact/ANN comparison)")
     parser.add_argument("--ann-kinds", nargs="*", default=["hnsw", "ivf"], choices=["hnsw", "ivf"])
     parser.add_argument("--ann-isotropic-dims", type=int, nargs="*", default=None,
                         help="dims on which HNSW/IVF are also measured on isotropic vectors (default: 64)")
@@ -223,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     args.labels = args.labels or (30_000 if args.quick else 1_000_000)
     args.queries = args.queries or (1_000 if args.quick else 10_000)
-    args.dims = args.dims or ([64] if args.quick else [64, 384])
+    args.dims = ([64] if args.quick else [64, 384]) if args.dims is None else args.dims
     iso_dims = [64] if args.ann_isotropic_dims is None else args.ann_isotropic_dims
     args.batch = min(args.batch, args.queries)
     shared_data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
@@ -255,8 +257,8 @@ def main() -> None:
         "k": args.k,
         "shards": args.shards,
         "cpus": cpus,
-        "identical": all(r["identical"] for r in exact),
-        "ratio": min(r["ratio"] for r in exact),
+        "identical": all(r["identical"] for r in exact) if exact else None,
+        "ratio": min(r["ratio"] for r in exact) if exact else None,
         "ratio_by_dim": {key: r["flat"]["ratio"] for key, r in results.items() if "ratio" in r["flat"]},
         "recall": {key: r["recall"] for key, r in ann.items()},
         "ann_speedup": {key: r["speedup"] for key, r in ann.items()},

@@ -112,6 +112,15 @@ def test_job_config_refuses_to_change_the_model(setup):
         job_config(setup["export"], None, ["vision.model_name=ViT-B-16-SigLIP2"])
 
 
+def test_an_actor_pool_taking_every_cpu_is_refused(ray_session, setup):
+    """The pipeline's read and write tasks need a CPU beside the embedding actors (else Ray Data waits forever)."""
+    cfg = job_config(setup["export"], None, ["infer.num_cpus_per_actor=2"])  # the session's Ray has 2 CPUs
+    index = str(setup["tmp"] / "index-every-cpu")
+    with pytest.raises(ConfigError, match="'infer.num_cpus_per_actor'=2"):
+        refresh_labels(setup["export"], setup["a"], index, cfg)
+    assert list_versions(index, committed_only=False) == []
+
+
 @pytest.mark.slow
 def test_interrupted_refresh_leaves_the_current_version_serving(ray_session, setup):
     index = str(setup["tmp"] / "interrupted")

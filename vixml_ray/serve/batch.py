@@ -13,7 +13,7 @@ import ray
 import torch
 
 from vixml_ray import storage
-from vixml_ray.config import Config, InferConfig
+from vixml_ray.config import Config, ConfigError, InferConfig
 from vixml_ray.data.dataset import Dataset
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
@@ -70,11 +70,16 @@ def embed_split(cfg: Config, export: Export, dataset: Dataset, split: str, featu
                 keep: np.ndarray | None = None) -> ray.data.Dataset:
     """A (lazy) Ray Data dataset of ``{row, embedding}`` for the rows of ``split`` (only where ``keep[row]``, a
     bool mask over the split, when given), in no particular order."""
+    infer = cfg.infer
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if infer.num_gpus_per_actor == 0 and infer.num_cpus_per_actor * infer.min_actors >= cpus:
+        raise ConfigError(f"'infer.num_cpus_per_actor'={infer.num_cpus_per_actor} x 'infer.min_actors'="
+                          f"{infer.min_actors} takes every CPU of the Ray cluster ({cpus:g}): the read and write "
+                          "tasks of the pipeline could never run; leave at least one CPU")
     fs, path = storage.filesystem(dataset.file_uri(split))
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["row", "text"])
     if keep is not None:
         ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": np.asarray(keep, dtype=bool)}, batch_format="numpy")
-    infer = cfg.infer
     return ds.map_batches(
         BatchEmbedder,
         fn_constructor_kwargs={"export_uri": export.uri, "fingerprint": export.fingerprint, "split": split,
