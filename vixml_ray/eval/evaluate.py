@@ -40,7 +40,7 @@ from vixml_ray.data.schema import PREDICTIONS_SCHEMA
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest
-from vixml_ray.index.raa import augmented_search, served_parts
+from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.refresh import check_embedded_by, refresh_labels
 from vixml_ray.index.tables import train_label_matrix
 from vixml_ray.index.versions import QUERIES
@@ -66,8 +66,8 @@ def rows_pairs(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def retrieve(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex,
              train_labels: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top ``eval.topk`` (ids int64, scores float32) of every test row of the embedded ``queries`` ({row,
-    embedding}), filter pairs removed; -1/-inf padding. With ``train_labels`` (the index version's training label
-    matrix) the search is retrieval-augmented with ``infer.raa``."""
+    embedding}), filter pairs removed; -1/-inf padding. With ``infer.raa.enabled`` the search is retrieval-augmented
+    (``train_labels``: the index version's training label matrix)."""
     n, topk = dataset.num_test, cfg.eval.topk
     ids = np.full((n, topk), -1, dtype=np.int64)
     scores = np.full((n, topk), -np.inf, dtype=np.float32)
@@ -76,12 +76,8 @@ def retrieve(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: Sh
     seen = np.zeros(n, dtype=bool)
     for batch in queries.iter_batches(batch_size=cfg.infer.rows_per_batch, batch_format="numpy"):
         rows = np.asarray(batch["row"], dtype=np.int64)
-        exclude = rows_pairs(pairs, rows)
-        if train_labels is None:
-            result = index.search(batch["embedding"], topk, exclude=exclude)
-        else:
-            with index.pinned() as view:
-                result = augmented_search(view, batch["embedding"], topk, cfg.infer.raa, train_labels, exclude)
+        result = search_labels(index, batch["embedding"], topk, cfg.infer.raa, lambda _: train_labels,
+                               rows_pairs(pairs, rows))
         ids[rows], scores[rows] = result.ids, result.scores
         seen[rows] = True
     if not seen.all():

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from vixml_ray.config import ConfigError, RetrievalAugmentationConfig
 from vixml_ray.eval.metrics import filter_predictions
-from vixml_ray.index.sharded import IndexView, SearchResult, exclusion_pairs
+from vixml_ray.index.sharded import IndexView, SearchResult, ShardedIndex, exclusion_pairs
 from vixml_ray.index.versions import LABELS, QUERIES, Manifest
 
 ExactScores = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (query rows, label ids) -> s(q, l) per pair
@@ -116,3 +116,14 @@ def augmented_search(view: IndexView, queries: np.ndarray, k: int, raa: Retrieva
     if pairs is not None:
         ids, scores = filter_predictions(ids, scores, pairs)
     return SearchResult(scores[:, :k], ids[:, :k], view.version)
+
+
+def search_labels(index: ShardedIndex, queries: np.ndarray, k: int, raa: RetrievalAugmentationConfig,
+                  train_labels: Callable[[Manifest], sp.csr_matrix], exclude: np.ndarray | None = None
+                  ) -> SearchResult:
+    """The top-k labels of each query row: plain label search, or with ``raa.enabled`` :func:`augmented_search` on
+    one pinned version (``train_labels(manifest)`` gives that version's training label matrix)."""
+    if not raa.enabled:
+        return index.search(queries, k, exclude=exclude)
+    with index.pinned() as view:
+        return augmented_search(view, queries, k, raa, train_labels(view.manifest), exclude)

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from vixml_ray.config import Config, ConfigError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
-from vixml_ray.index.raa import augmented_search, served_parts
+from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.refresh import check_embedded_by
 from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
@@ -112,7 +112,8 @@ class Predictor:
         if self.images is not None:
             feats, mask, errors = self.images.features([q.images for q in queries])
         tokens = tokenize(self.embedder.tokenizer, [q.text for q in queries], self.embedder.cfg.model.max_length)
-        return embed_arrays(self.embedder, tokens, array_images(feats, mask), batch_size=self.cfg.infer.batch_size), errors
+        images = array_images(feats, mask)
+        return embed_arrays(self.embedder, tokens, images, batch_size=self.cfg.infer.batch_size), errors
 
     def _cached(self, what: str, version: str, load: Callable[[], T]) -> T:
         """``load()`` of a version's ``what``, kept for the two most recent versions."""
@@ -138,11 +139,7 @@ class Predictor:
         if not queries:
             return []
         embeddings, errors = self.embed(queries)
-        if self.cfg.infer.raa.enabled:
-            with self.index.pinned() as view:
-                result = augmented_search(view, embeddings, k, self.cfg.infer.raa, self.train_labels(view.manifest))
-        else:
-            result = self.index.search(embeddings, k)
+        result = search_labels(self.index, embeddings, k, self.cfg.infer.raa, self.train_labels)
         names = self.label_names(result.version)
         out = []
         for ids, scores, image_errors in zip(result.ids, result.scores, errors):
