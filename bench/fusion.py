@@ -35,9 +35,10 @@ import ray  # noqa: E402
 from vixml_ray.config import Config, load_config, replace  # noqa: E402
 from vixml_ray.data import schema  # noqa: E402
 from vixml_ray.data.dataset import open_dataset  # noqa: E402
-from vixml_ray.eval.metrics import filter_predictions, xmc_metrics  # noqa: E402
+from vixml_ray.data.filters import filter_predictions  # noqa: E402
+from vixml_ray.eval.metrics import xmc_metrics  # noqa: E402
 from vixml_ray.pipeline import ensure_dataset  # noqa: E402
-from vixml_ray.ray_utils import init_ray  # noqa: E402
+from vixml_ray.ray_utils import init_ray_for  # noqa: E402
 from vixml_ray.train.local import train  # noqa: E402
 from vixml_ray.vision.bank import FeatureBank  # noqa: E402
 
@@ -99,7 +100,7 @@ def main() -> dict:
     num_train, epochs = SIZES["quick" if args.quick else "full"]
     cfg = bench_config(os.path.join(work, "runs"), os.path.join(work, "cache"), num_train, epochs)
     try:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+        init_ray_for(cfg)
         cfg = ensure_dataset(replace(cfg, **{"model.use_images": True}))  # generate + embed the images once
         ray.shutdown()  # the trainings below run in this process and want both cores
         dataset = cfg.data.dataset

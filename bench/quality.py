@@ -34,7 +34,7 @@ import ray  # noqa: E402
 from vixml_ray.config import Config, load_config, replace  # noqa: E402
 from vixml_ray.eval.evaluate import evaluate  # noqa: E402
 from vixml_ray.index.refresh import refresh_labels  # noqa: E402
-from vixml_ray.ray_utils import init_ray  # noqa: E402
+from vixml_ray.ray_utils import init_ray_for  # noqa: E402
 from vixml_ray.train.ray_train import fit  # noqa: E402
 
 SHOWN = ("P@1", "P@5", "nDCG@5", "PSP@5")
@@ -81,7 +81,7 @@ def main() -> dict:
                                     f"out_dir={work}", f"train.max_minutes={args.minutes}"])
     started = time.perf_counter()
     try:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+        init_ray_for(cfg)
         result = run_variant(replace(cfg, **{"model.prototypes.enabled": False}), "plain", work, raa_too=False)
         result.update(run_variant(replace(cfg, **{"model.prototypes.enabled": True}), "prototypes", work,
                                   raa_too=True))

@@ -19,7 +19,7 @@ from vixml_ray.config import load_config
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (local path or URI)")
-    parser.add_argument("--config", default=None, help="YAML preset (path or name in jobs/configs)")
+    parser.add_argument("--config", default=None, help="YAML preset (path or name in vixml_ray/presets)")
     parser.add_argument("--import-vixml", metavar="DIR", default=None,
                         help="import ViXML's released image arrays and/or img_urls.parquet from DIR instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,7 +19,7 @@ import logging
 
 from vixml_ray import storage
 from vixml_ray.eval.evaluate import evaluate
-from vixml_ray.serve.export import job_config
+from vixml_ray.inference.export import job_config
 
 
 def main(argv: list[str] | None = None) -> dict:

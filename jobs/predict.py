@@ -4,7 +4,7 @@
                            [--k 10] [--overwrite] [--config FILE] [key=value ...]
 
 Each input line is ``{"id": ..., "text": "...", "images": ["path, URI or URL", {"b64": "..."}]}``; each output line
-holds the top-k label ids, names and scores and the index version that answered (see vixml_ray.serve.jsonl). Bad
+holds the top-k label ids, names and scores and the index version that answered (see vixml_ray.predict.jsonl). Bad
 lines get an error record and are counted. ``infer.raa.enabled=true`` scores retrieval-augmented, as evaluate does
 (the index must hold the training queries). Prints one JSON line: queries, predicted, skipped, queries_per_s, out.
 """
@@ -15,8 +15,8 @@ import argparse
 import json
 import logging
 
-from vixml_ray.serve.export import job_config
-from vixml_ray.serve.jsonl import predict_file
+from vixml_ray.inference.export import job_config
+from vixml_ray.predict.jsonl import predict_file
 
 
 def main(argv: list[str] | None = None) -> dict:

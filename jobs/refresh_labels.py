@@ -17,7 +17,7 @@ import json
 import logging
 
 from vixml_ray.index.refresh import refresh_labels
-from vixml_ray.serve.export import job_config
+from vixml_ray.inference.export import job_config
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from vixml_ray.eval.metrics import filter_predictions, inverse_propensity, xmc_metrics
+from vixml_ray.data.filters import filter_predictions
+from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 
 
 def _csr(rows: list[list[int]], num_labels: int) -> sp.csr_matrix:

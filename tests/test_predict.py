@@ -15,7 +15,7 @@ from inference_helpers import inference_config, make_dataset, make_export
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.eval.evaluate import evaluate, read_predictions
 from vixml_ray.index.refresh import refresh_labels
-from vixml_ray.serve.predictor import Predictor, Query
+from vixml_ray.predict.predictor import Predictor, Query
 from vixml_ray.vision.pipeline import embed_images
 
 ROOT = Path(__file__).resolve().parent.parent

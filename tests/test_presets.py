@@ -1,4 +1,4 @@
-"""Every preset in jobs/configs loads and validates; the paper presets carry the paper's settings (DESIGN.md and the
+"""Every preset in vixml_ray/presets loads and validates; the paper presets carry the paper's settings (DESIGN.md and the
 released ViXML run scripts)."""
 
 from __future__ import annotations

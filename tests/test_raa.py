@@ -19,8 +19,8 @@ from vixml_ray.index import QUERIES, ShardedIndex, VersionWriter, read_manifest,
 from vixml_ray.index.raa import augmented_search, combine, vote_matrix
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.index.tables import read_queries, train_label_matrix
-from vixml_ray.serve.export import read_export
-from vixml_ray.serve.predictor import Predictor, Query
+from vixml_ray.inference.export import read_export
+from vixml_ray.predict.predictor import Predictor, Query
 
 CFG = IndexConfig(num_shards=2, cpus_per_shard=0.25, max_restarts=2, max_task_retries=3)
 

@@ -25,7 +25,7 @@ from vixml_ray.config import ConfigError
 from vixml_ray.index import ShardedIndex, current_version, list_versions, read_manifest, read_rows
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.index.tables import read_labels
-from vixml_ray.serve.export import job_config, read_export
+from vixml_ray.inference.export import job_config, read_export
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_CHANGED, IMAGES_CHANGED = (1, 5), (2, 7)

@@ -13,7 +13,7 @@ from vixml_ray.config import Config, ConfigError, load_config
 
 def job_parser(doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="preset name (jobs/configs) or YAML file")
+    parser.add_argument("--config", help="preset name (vixml_ray/presets) or YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=3")
     return parser
 

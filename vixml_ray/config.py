@@ -1,6 +1,6 @@
 """The one typed configuration schema of every vixml-ray job.
 
-Presets are YAML files (``jobs/configs/*.yaml``) merged onto the schema's defaults; dotted ``key=value`` overrides
+Presets are YAML files (``vixml_ray/presets/*.yaml``) merged onto the schema's defaults; dotted ``key=value`` overrides
 from the command line are merged last. OmegaConf does the merging and type checking; this module adds the checks a
 type cannot express (choices, ranges) and turns every failure into a :class:`ConfigError` that names the key, the bad
 value and, for a typo, the closest valid key.
@@ -20,7 +20,7 @@ from typing import Any, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # shipped inside the package (wheel installs have them)
 
 
 class ConfigError(ValueError):
@@ -351,7 +351,7 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def resolve_preset(name: str | Path) -> Path:
-    """A config path as given, or a preset name from ``jobs/configs`` (with or without ``.yaml``)."""
+    """A config path as given, or a preset name from ``vixml_ray/presets`` (with or without ``.yaml``)."""
     path = Path(name)
     if path.is_file():
         return path

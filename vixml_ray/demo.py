@@ -22,8 +22,8 @@ import ray
 from vixml_ray import storage
 from vixml_ray.config import Config, replace
 from vixml_ray.pipeline import ensure_dataset
-from vixml_ray.ray_utils import init_ray
-from vixml_ray.serve.export import absolute_uri
+from vixml_ray.ray_utils import init_ray_for
+from vixml_ray.inference.export import absolute_uri
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     from vixml_ray.train.ray_train import fit
 
     started_ray = not ray.is_initialized()
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     out = absolute_uri(cfg.out_dir)
     ceiling = text_only_ceiling(cfg)
     cfg = ensure_dataset(replace(cfg, **{"model.use_images": True}))

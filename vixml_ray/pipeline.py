@@ -16,7 +16,7 @@ from typing import Any
 
 from vixml_ray import storage
 from vixml_ray.config import Config, replace
-from vixml_ray.ray_utils import init_ray
+from vixml_ray.ray_utils import init_ray_for
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,6 @@ def run_training(cfg: Config, run_name: str = "train") -> dict[str, Any]:
     """The train job: Ray up, dataset and features present, then Ray Train (see :func:`vixml_ray.train.fit`)."""
     from vixml_ray.train.ray_train import fit
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     cfg = ensure_dataset(cfg)
     return fit(cfg, run_name=run_name)

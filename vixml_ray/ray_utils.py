@@ -7,6 +7,8 @@ from typing import Any
 
 import ray
 
+from vixml_ray.config import Config
+
 
 def init_ray(
     address: str | None = None,
@@ -38,3 +40,8 @@ def init_ray(
         runtime_env=env,
         **kwargs,
     ).address_info
+
+
+def init_ray_for(cfg: Config) -> dict[str, Any]:
+    """:func:`init_ray` with the job config's ``ray`` section (what every job entry point calls)."""
+    return init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)

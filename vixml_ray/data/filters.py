@@ -1,4 +1,5 @@
-"""Test-time label filters: (test row, label) pairs removed from predictions (never from the ground truth).
+"""Test-time label filters: (test row, label) pairs removed from predictions (never from the ground truth), and
+:func:`filter_predictions`, which removes them from ranked predictions (evaluation, validation, the index).
 
 Modes (``DataConfig.filters``):
 
@@ -81,3 +82,31 @@ class SelfReciprocalFilter:
 
     def pairs(self) -> np.ndarray:
         return normalise_pairs(np.concatenate(self._pairs) if self._pairs else np.empty((0, 2), np.int64))
+
+
+def filter_predictions(
+    topk: np.ndarray, scores: np.ndarray, filter_pairs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Removes the (row, label) pairs of ``filter_pairs`` (shape (m, 2)) from the predictions only.
+
+    The remaining predictions of a row keep their order and move up; the freed tail is filled with -1 / -inf.
+    Returns new arrays of the input's shape.
+    """
+    topk = np.asarray(topk)
+    scores = np.asarray(scores)
+    if topk.shape != scores.shape or topk.ndim != 2:
+        raise ValueError(f"topk {topk.shape} and scores {scores.shape} must be 2-D arrays of one shape")
+    pairs = np.asarray(filter_pairs, dtype=np.int64).reshape(-1, 2)
+    n = topk.shape[0]
+    if len(pairs) and (pairs[:, 0].min() < 0 or pairs[:, 0].max() >= n or pairs[:, 1].min() < 0):
+        raise ValueError(f"filter_pairs must hold rows in [0, {n}) and non-negative labels")
+    width = int(max(topk.max(initial=-1), pairs[:, 1].max(initial=-1))) + 2  # labels shifted by 1: -1 -> 0
+    filter_keys = np.sort(pairs[:, 0] * width + pairs[:, 1] + 1)
+    keys = np.arange(n, dtype=np.int64)[:, None] * width + topk.astype(np.int64) + 1
+    if len(filter_keys) == 0:
+        return topk.copy(), scores.copy()
+    removed = filter_keys[np.minimum(np.searchsorted(filter_keys, keys), len(filter_keys) - 1)] == keys
+    order = np.argsort(removed, axis=1, kind="stable")  # kept slots first, in their original order
+    new_ids = np.take_along_axis(np.where(removed, -1, topk), order, axis=1)
+    new_scores = np.take_along_axis(np.where(removed, -np.inf, scores).astype(scores.dtype), order, axis=1)
+    return new_ids.astype(topk.dtype, copy=False), new_scores

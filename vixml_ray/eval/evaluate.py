@@ -16,7 +16,7 @@ shards serve both parts, and the filter pairs are removed after the label and ne
 same index version serves evaluations with RAA on and off.
 
 The output directory (published atomically) holds ``metrics.json``, ``metrics.md``, ``metrics.png``,
-``predictions.parquet`` (:data:`~vixml_ray.data.schema.PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
+``predictions.parquet`` (:data:`PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -36,17 +36,26 @@ import scipy.sparse as sp
 from vixml_ray import storage
 from vixml_ray.config import Config, ConfigError, save_config
 from vixml_ray.data.dataset import Dataset, open_dataset
-from vixml_ray.data.schema import PREDICTIONS_SCHEMA
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
-from vixml_ray.index.refresh import check_embedded_by, refresh_labels
+from vixml_ray.index.refresh import refresh_labels
+from vixml_ray.index.versions import check_embedded_by
 from vixml_ray.index.tables import train_label_matrix
 from vixml_ray.index.versions import QUERIES
-from vixml_ray.ray_utils import init_ray
-from vixml_ray.serve.batch import embed_split
-from vixml_ray.serve.export import Export, absolute_uri, feature_cache, read_export
+from vixml_ray.ray_utils import init_ray_for
+from vixml_ray.inference.batch import embed_split
+from vixml_ray.inference.export import Export, absolute_uri, feature_cache, read_export
+
+# ``<eval out>/predictions.parquet``: the ranked labels of each test row after the filter pairs were removed, best first.
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),  # test item row
+        pa.field("labels", pa.list_(pa.int64()), nullable=False),
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+    ]
+)
 
 METRICS_FILE, PREDICTIONS_FILE, CONFIG_FILE = "metrics.json", "predictions.parquet", "config.yaml"
 NUM_DECILES = 10
@@ -167,7 +176,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         raise ConfigError(f"'eval.topk'={cfg.eval.topk} must be at least 'eval.k'={cfg.eval.k}")
     if storage.exists(out_uri) and not overwrite:
         raise FileExistsError(f"output already exists: {out_uri} (remove it or pass --overwrite)")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     dataset = open_dataset(absolute_uri(dataset_uri))
     features = feature_cache(cfg, export, dataset)
     with _label_index(cfg, export, dataset, index_dir) as (index_uri, refresh):

@@ -10,7 +10,7 @@ content hash):
 2. plan (driver): a full refresh embeds every row; ``incremental`` carries a row over from the current version
    when that version was embedded by the same export (fingerprint) and holds the row with the same hash (labels
    are matched by uid, training queries by row and uid); a base version without training queries has none to carry;
-3. embed + write (Ray Data): changed rows through the :class:`~vixml_ray.serve.batch.BatchEmbedder` actor pool,
+3. embed + write (Ray Data): changed rows through the :class:`~vixml_ray.inference.batch.BatchEmbedder` actor pool,
    carried rows read from the base version's parquet parts and renumbered, both into ``part-*.parquet`` shards
    of ``infer.rows_per_part`` rows written by tasks through :class:`~vixml_ray.index.versions.VersionWriter`
    (labels first, then training queries: one actor pool at a time).
@@ -57,9 +57,9 @@ from vixml_ray.index.versions import (
     read_manifest,
     version_dir,
 )
-from vixml_ray.ray_utils import init_ray
-from vixml_ray.serve.batch import embed_split
-from vixml_ray.serve.export import Export, FeatureCache, absolute_uri, feature_cache, read_export
+from vixml_ray.ray_utils import init_ray_for
+from vixml_ray.inference.batch import embed_split
+from vixml_ray.inference.export import Export, FeatureCache, absolute_uri, feature_cache, read_export
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,6 @@ class RefreshPlan:
 
     def summary(self) -> dict[str, Any]:
         return {"embedded": int(self.embed.sum()), "carried": self.carried, "reason": self.reason}
-
-
-def check_embedded_by(manifest: Manifest, export: Export, index_dir: str) -> None:
-    """Raises unless the version's labels were embedded by ``export`` (queries and labels share one space)."""
-    made_by = manifest.identity.get("export") or {}
-    if made_by.get("fingerprint") != export.fingerprint:
-        raise ValueError(f"index version {manifest.version} of {index_dir} was embedded by the export "
-                         f"{made_by.get('uri')!r}, not by {export.uri} (fingerprints differ); refresh the index "
-                         "with jobs/refresh_labels.py --checkpoint for this export")
 
 
 def _unique_uids(uids: pa.ChunkedArray | pa.Array, where: str) -> None:
@@ -247,14 +238,14 @@ def refresh_labels(export_uri: str, dataset_uri: str, index_dir: str, cfg: Confi
     """Embeds the dataset's labels (and, with ``infer.raa.enabled``, its training queries) with the export into a
     new version of ``index_dir`` and makes it current.
 
-    ``cfg``: the job config (default: the export's; see :func:`vixml_ray.serve.export.job_config`). Returns the
+    ``cfg``: the job config (default: the export's; see :func:`vixml_ray.inference.export.job_config`). Returns the
     summary (labels, embedded, carried, labels_per_s, queries, version, out, ...).
     """
     started = time.perf_counter()
     export = read_export(export_uri)
     cfg = cfg or export.cfg
     index_dir = absolute_uri(index_dir)  # Ray workers write the parts: no path relative to the driver's directory
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     dataset = open_dataset(absolute_uri(dataset_uri))
     export.check_labels(dataset)
     features = feature_cache(cfg, export, dataset)

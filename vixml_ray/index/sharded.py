@@ -25,7 +25,7 @@ import numpy as np
 import ray
 
 from vixml_ray.config import IndexConfig
-from vixml_ray.eval.metrics import filter_predictions
+from vixml_ray.data.filters import filter_predictions
 from vixml_ray.index.merge import merge_topk
 from vixml_ray.index.shard import IndexShard
 from vixml_ray.index.versions import LABELS, PARTS, Manifest, read_manifest

@@ -1,8 +1,8 @@
 """The side tables of an index version written by :mod:`vixml_ray.index.refresh`, next to its vectors.
 
-* ``labels.parquet`` (:data:`~vixml_ray.data.schema.INDEX_LABELS_SCHEMA`): names for the predictor, content hashes
+* ``labels.parquet`` (:data:`~vixml_ray.index.schema.INDEX_LABELS_SCHEMA`): names for the predictor, content hashes
   for the next incremental refresh, the version that embedded each label;
-* ``queries.parquet`` (:data:`~vixml_ray.data.schema.INDEX_QUERIES_SCHEMA`, only with ``infer.raa.enabled``): the
+* ``queries.parquet`` (:data:`~vixml_ray.index.schema.INDEX_QUERIES_SCHEMA`, only with ``infer.raa.enabled``): the
   training queries' label rows (the votes of retrieval-augmented inference), content hashes and source versions.
 """
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from vixml_ray import storage
-from vixml_ray.data.schema import INDEX_LABELS_SCHEMA, INDEX_QUERIES_SCHEMA
+from vixml_ray.index.schema import INDEX_LABELS_SCHEMA, INDEX_QUERIES_SCHEMA
 from vixml_ray.index.versions import Manifest, version_dir
 
 LABELS_FILE = "labels.parquet"

@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vixml_ray import storage
-from vixml_ray.data.schema import SCHEMA_VERSION, label_embedding_schema, query_embedding_schema
+from vixml_ray.data.schema import SCHEMA_VERSION
+from vixml_ray.index.schema import label_embedding_schema, query_embedding_schema
+
+if TYPE_CHECKING:
+    from vixml_ray.inference.export import Export
 
 VERSIONS_DIR = "versions"
 LABELS, QUERIES = "labels", "queries"  # the parts of a version: label vectors, training-query vectors (optional)
@@ -314,3 +318,12 @@ def _scan_part(path: str, part: str) -> tuple[int, tuple[ShardFile, ...], int] |
         raise ValueError(f"{where}: {part} rows must be 0..n-1 exactly once; duplicated {dup[:5].tolist()}, "
                          f"missing {missing[:5].tolist()}, negative {rows[rows < 0][:5].tolist()}")
     return int(dim), tuple(shards), len(rows)
+
+
+def check_embedded_by(manifest: Manifest, export: Export, index_dir: str) -> None:
+    """Raises unless the version's labels were embedded by ``export`` (queries and labels share one space)."""
+    made_by = manifest.identity.get("export") or {}
+    if made_by.get("fingerprint") != export.fingerprint:
+        raise ValueError(f"index version {manifest.version} of {index_dir} was embedded by the export "
+                         f"{made_by.get('uri')!r}, not by {export.uri} (fingerprints differ); refresh the index "
+                         "with jobs/refresh_labels.py --checkpoint for this export")

@@ -12,7 +12,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from vixml_ray.eval.metrics import filter_predictions, xmc_metrics
+from vixml_ray.data.filters import filter_predictions
+from vixml_ray.eval.metrics import xmc_metrics
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.model.inference import embed_arrays
 from vixml_ray.model.tokens import TokenArrays

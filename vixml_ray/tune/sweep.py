@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from vixml_ray import storage
 from vixml_ray.config import Config, ConfigError, save_config, to_yaml
 from vixml_ray.pipeline import ensure_dataset
-from vixml_ray.ray_utils import init_ray
+from vixml_ray.ray_utils import init_ray_for
 from vixml_ray.train.ray_train import prepare_shared
 from vixml_ray.tune.report import ENDED, collect_rows, write_report
 from vixml_ray.tune.space import SearchSpace, search_space
@@ -91,7 +91,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         _check_same_sweep(cfg, experiment)
     else:
         save_config(cfg, storage.join(experiment, SWEEP_CONFIG))
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     base = ensure_dataset(cfg)  # once here, so that trials never race to build it
     prepare_shared(base)  # the tokenised texts and tiny model files every trial reads
     trainable = _trainable(base, space, experiment)

@@ -29,7 +29,7 @@ from vixml_ray import storage
 from vixml_ray.config import Config, save_config
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import Dataset, open_dataset
-from vixml_ray.ray_utils import init_ray
+from vixml_ray.ray_utils import init_ray_for
 from vixml_ray.vision import cache
 from vixml_ray.vision.fetch import FetchOptions
 from vixml_ray.vision.stages import EmbedActor, decode_batch
@@ -135,7 +135,7 @@ class ShardWriter:
 def _start_ray(cfg: Config) -> float:
     """Joins or starts Ray (see :func:`vixml_ray.ray_utils.init_ray`); returns the seconds it took."""
     t0 = time.perf_counter()
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     return time.perf_counter() - t0
 
 

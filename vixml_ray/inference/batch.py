@@ -18,7 +18,7 @@ from vixml_ray.data.dataset import Dataset
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
-from vixml_ray.serve.export import Export, FeatureCache, export_fingerprint
+from vixml_ray.inference.export import Export, FeatureCache, export_fingerprint
 
 
 def inference_device(infer: InferConfig) -> torch.device:

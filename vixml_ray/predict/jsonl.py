@@ -35,9 +35,9 @@ import pyarrow.fs as pafs
 from vixml_ray import storage
 from vixml_ray.config import Config
 from vixml_ray.data.schema import MAX_IMAGES
-from vixml_ray.ray_utils import init_ray
-from vixml_ray.serve.export import absolute_uri, job_config
-from vixml_ray.serve.predictor import Predictor, Query
+from vixml_ray.ray_utils import init_ray_for
+from vixml_ray.inference.export import absolute_uri, job_config
+from vixml_ray.predict.predictor import Predictor, Query
 
 
 class QueryError(ValueError):
@@ -109,7 +109,7 @@ def predict_file(export_uri: str, index_dir: str, queries_uri: str, out_uri: str
     if storage.exists(out_uri) and not overwrite:
         raise FileExistsError(f"output already exists: {out_uri} (remove it or pass --overwrite)")
     cfg = cfg or job_config(export_uri)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
+    init_ray_for(cfg)
     queries_uri = absolute_uri(queries_uri)
     base = queries_uri.rsplit("/", 1)[0]
     counts: Counter[str] = Counter()

@@ -1,7 +1,7 @@
 """The online predictor: raw queries (text + images) -> top-k labels (ids, names, scores) from the sharded index.
 
 A query's images (bytes, paths, URIs or URLs; slot order kept, at most 3) go through the export's vision tower into
-the feature-cache representation (:class:`~vixml_ray.serve.images.ImageFeaturizer`), its text is tokenised as in
+the feature-cache representation (:class:`~vixml_ray.inference.images.ImageFeaturizer`), its text is tokenised as in
 training, and the trained model embeds both; the :class:`~vixml_ray.index.ShardedIndex` returns the top k. The
 predictor refuses an index version embedded by another export, or whose label image features came from another
 vision model than the export's, and reads label names from the answering version's ``labels.parquet``, so the
@@ -26,14 +26,14 @@ import scipy.sparse as sp
 from vixml_ray.config import Config, ConfigError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
-from vixml_ray.index.refresh import check_embedded_by
+from vixml_ray.index.versions import check_embedded_by
 from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
-from vixml_ray.serve.batch import inference_device
-from vixml_ray.serve.export import absolute_uri, check_feature_model, read_export
-from vixml_ray.serve.images import ImageFeaturizer, ImageInput
+from vixml_ray.inference.batch import inference_device
+from vixml_ray.inference.export import absolute_uri, check_feature_model, read_export
+from vixml_ray.inference.images import ImageFeaturizer, ImageInput
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ class Prediction:
 class Predictor:
     """Holds the trained model, the vision tower (image models) and a sharded index over ``index_dir``.
 
-    ``cfg``: the job config (default: the export's; see :func:`vixml_ray.serve.export.job_config`); ``base_uri``:
+    ``cfg``: the job config (default: the export's; see :func:`vixml_ray.inference.export.job_config`); ``base_uri``:
     where relative image paths are resolved (default: the working directory). Needs Ray initialised.
     """
 
