@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_DATA_PARQUET_FOOTER_NUM_ACTORS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# every bench's quick mode, one after another; writes bench/RESULTS.md and the README's bench table
+bench: setup
+	$(BIN)/python bench/run_all.py --readme
 
 clean:
 	rm -rf $(VENV) .cache outputs
