@@ -13,10 +13,10 @@ For each dim (64 and 384) on the clustered labels, in the same run and on the sa
     vectors (their exact ground truth from the sharded flat index).
 
 Label refresh: the real label texts of ``--refresh-source`` (default ../shared/data/dnb_casimir_gnd, 11,387 GND
-subject names; with ``--quick`` cooking_stackexchange, 736 tags) embedded with the packaged pretrained all-MiniLM-L6-v2 by ``refresh_labels`` (Ray Data: read, hash,
-one embedding actor given all CPUs but one, which the read and write tasks need, parquet parts, commit) against the
-model's forward alone (``embed_arrays`` in this process on the same tokenised texts, with the actor's threads and
-model batch size): labels/s of each and their ratio.
+subject names; with ``--quick`` cooking_stackexchange, 736 tags) embedded with the packaged pretrained
+all-MiniLM-L6-v2 by ``refresh_labels`` (Ray Data: read, hash, one embedding actor running a thread per CPU of the
+machine, parquet parts, commit) against the plain way, the model's forward alone (``embed_arrays`` in this process
+on the same tokenised texts, every CPU of the machine, the same model batch size): labels/s of each and their ratio.
 
 Full run: 1M labels, 10k queries, k=100, S=4 (HNSW efConstruction 100: builds dominate with exact search).
 ``--quick``: 30k labels, 1k queries, 64-d only, the small refresh (about 1 min). ``--ann-kinds`` (none = exact
@@ -170,9 +170,12 @@ def bench_refresh(source: str, workdir: str, cpus: int) -> dict[str, Any]:
     from vixml_ray.index.refresh import refresh_labels
     from vixml_ray.model import build_embedder, embed_arrays, load_export, tokenize
 
-    threads = max(1, cpus - 1)  # the pipeline's read/write tasks need a CPU beside the embedding actor
+    # Both sides get every CPU: the plain forward all threads; the job's embedding actor reserves one CPU less (the
+    # pipeline's read/write tasks need a slot in Ray's accounting) but runs as many threads as the plain side.
+    threads = cpus
     cfg = load_config(None, ["model.name_or_path=packaged:all-MiniLM-L6-v2", f"cache_dir={workdir}/cache",
-                             f"infer.num_cpus_per_actor={threads}", "infer.batch_size=256", "data.filters=none"])
+                             f"infer.num_cpus_per_actor={max(1, cpus - 1)}", f"infer.actor_threads={threads}",
+                             "infer.batch_size=256", "data.filters=none"])
     dataset = os.path.join(workdir, "refresh-dataset")
     prepare_dataset(source, dataset, cfg)
     export = os.path.join(workdir, "refresh-export")

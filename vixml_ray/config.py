@@ -257,7 +257,8 @@ class InferConfig:
     rows_per_part: int = bounded(65536, 1)  # label rows per parquet part of an index version
     min_actors: int = bounded(1, 1)
     max_actors: int = bounded(1, 1)
-    num_cpus_per_actor: float = bounded(1.0, 0.0)  # also the actor's torch threads on CPU
+    num_cpus_per_actor: float = bounded(1.0, 0.0)  # the CPUs Ray reserves for each embedding actor
+    actor_threads: int = bounded(0, 0)  # torch threads of a CPU embedding actor; 0 = its num_cpus_per_actor
     num_gpus_per_actor: float = bounded(0.0, 0.0)
     raa: RetrievalAugmentationConfig = field(default_factory=RetrievalAugmentationConfig)
 

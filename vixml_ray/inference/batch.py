@@ -40,7 +40,7 @@ class BatchEmbedder:
             raise RuntimeError(f"the export at {export_uri} changed while the job ran (fingerprint mismatch)")
         device = inference_device(infer)
         if device.type == "cpu":
-            torch.set_num_threads(max(1, int(infer.num_cpus_per_actor)))
+            torch.set_num_threads(infer.actor_threads or max(1, int(infer.num_cpus_per_actor)))
         self.embedder = load_export(export_uri).to(device).eval()
         self.split = split
         self.batch_size = infer.batch_size
