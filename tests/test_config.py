@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vixml_ray.config import PRESET_DIR, Config, ConfigError, load_config, replace, save_config
+from vixml_ray.config import PRESET_DIR, Config, load_config, replace, save_config
+from vixml_ray.errors import ConfigError
 
 
 def test_defaults_and_overrides() -> None:

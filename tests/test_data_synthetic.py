@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vixml_ray.config import ConfigError, load_config
+from vixml_ray.config import load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.data import generate_synthetic, open_dataset
 from vixml_ray.data.synthetic import vocabulary
 from vixml_ray.data.synthetic_images import attribute_words

@@ -12,7 +12,8 @@ import pytest
 import scipy.sparse as sp
 
 from inference_helpers import inference_config, make_dataset, make_export, reference_embeddings
-from vixml_ray.config import ConfigError, IndexConfig, RetrievalAugmentationConfig
+from vixml_ray.config import IndexConfig, RetrievalAugmentationConfig
+from vixml_ray.errors import ConfigError
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.eval.evaluate import evaluate, read_predictions
 from vixml_ray.index import QUERIES, ShardedIndex, VersionWriter, read_manifest, read_rows

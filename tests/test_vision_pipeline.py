@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.config import Config, load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.data.synthetic import generate_synthetic

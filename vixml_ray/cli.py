@@ -8,7 +8,8 @@ import logging
 import sys
 from typing import Any, Callable
 
-from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.config import Config, load_config
+from vixml_ray.errors import ConfigError
 
 
 def job_parser(doc: str | None) -> argparse.ArgumentParser:

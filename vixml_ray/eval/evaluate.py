@@ -34,7 +34,8 @@ import ray
 import scipy.sparse as sp
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, save_config
+from vixml_ray.config import Config, save_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.data.dataset import Dataset, open_dataset
 from vixml_ray.data.schema import PREDICTIONS_SCHEMA
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics

@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from vixml_ray.config import ConfigError, RetrievalAugmentationConfig
+from vixml_ray.config import RetrievalAugmentationConfig
+from vixml_ray.errors import ConfigError
 from vixml_ray.eval.metrics import filter_predictions
 from vixml_ray.index.sharded import IndexView, SearchResult, ShardedIndex, exclusion_pairs
 from vixml_ray.index.versions import LABELS, QUERIES, Manifest

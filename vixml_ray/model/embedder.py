@@ -27,7 +27,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, load_config, to_yaml
+from vixml_ray.config import Config, load_config, to_yaml
+from vixml_ray.errors import ConfigError
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
 from vixml_ray.model.prototypes import LabelPrototypes

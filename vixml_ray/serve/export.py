@@ -18,7 +18,8 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.config import Config, load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.data.dataset import Dataset
 from vixml_ray.model.embedder import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE
 

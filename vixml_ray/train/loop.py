@@ -22,7 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vixml_ray.config import Config, ConfigError
+from vixml_ray.config import Config
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
