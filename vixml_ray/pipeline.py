@@ -16,6 +16,7 @@ from typing import Any
 
 from vixml_ray import storage
 from vixml_ray.config import Config, replace
+from vixml_ray.errors import MissingPathError
 from vixml_ray.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def ensure_dataset(cfg: Config) -> Config:
             generate_synthetic(dataset, cfg, fmt="dataset")
     elif not storage.exists(storage.join(storage.resolve(dataset), "manifest.json")):
         if not cfg.data.source:
-            raise FileNotFoundError(f"data.dataset={dataset} is not a prepared dataset and data.source is not set")
+            raise MissingPathError(dataset, f"data.dataset={dataset} is not a prepared dataset and data.source is "
+                                            "not set")
         prepare_dataset(cfg.data.source, dataset, cfg)
     cfg = replace(cfg, **{"data.dataset": dataset})
     if cfg.model.use_images and cfg.model.num_images > 0:

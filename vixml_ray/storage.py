@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
+from vixml_ray.errors import OutputExistsError
+
 CURRENT = "CURRENT"
 
 
@@ -100,7 +102,7 @@ def publish(uri: str, overwrite: bool = False) -> Iterator[str]:
     """
     fs, path = filesystem(uri)
     if exists(uri) and not overwrite:
-        raise FileExistsError(f"output already exists: {uri} (remove it or pass --overwrite)")
+        raise OutputExistsError(uri)
     version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     if isinstance(fs, pafs.LocalFileSystem):
         staging = f"{path.rstrip('/')}.tmp-{version}"

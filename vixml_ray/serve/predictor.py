@@ -24,7 +24,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from vixml_ray.config import Config
-from vixml_ray.errors import ConfigError
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.refresh import check_embedded_by
@@ -71,7 +71,7 @@ class Predictor:
         self.images = (ImageFeaturizer(self.cfg.vision, absolute_uri(base_uri or os.getcwd()))
                        if self.export.uses_images else None)
         if self.images is not None and self.images.dim != self.export.image_dim:
-            raise ConfigError(f"the vision tower gives {self.images.dim}-d features, the export expects "
+            raise IncompatibleArtifactError(f"the vision tower gives {self.images.dim}-d features, the export expects "
                               f"{self.export.image_dim}")
         self._per_version: dict[tuple[str, str], object] = {}
         self._cache_lock = threading.Lock()
@@ -86,7 +86,7 @@ class Predictor:
             where = f"index version {manifest.version} of {self.index_dir}"
             check_feature_model(features.get("model", {}), self.cfg, where)
             if features.get("dtype") != self.cfg.vision.cache_dtype:
-                raise ConfigError(f"{where}: label image features in {features.get('dtype')}, the export's "
+                raise IncompatibleArtifactError(f"{where}: label image features in {features.get('dtype')}, the export's "
                                   f"'vision.cache_dtype' is {self.cfg.vision.cache_dtype}")
 
     # ------------------------------------------------------------------------------------------------ lifecycle
