@@ -51,15 +51,15 @@ class MissingPathError(VixmlError, FileNotFoundError):
 class OutputExistsError(VixmlError, FileExistsError):
     """A job's output already exists and was not to be replaced (``--overwrite`` replaces it)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, message: Optional[str] = None):
         self.path = str(path)
-        super().__init__(f"output already exists: {path} (remove it or pass --overwrite)")
+        super().__init__(message or f"output already exists: {path} (remove it or pass --overwrite)")
 
     def __str__(self) -> str:
         return str(self.args[0])
 
     def __reduce__(self) -> tuple:
-        return type(self), (self.path,)
+        return type(self), (self.path, self.args[0])
 
 
 class IncompatibleArtifactError(VixmlError, ValueError):

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from vixml_ray import storage
 from vixml_ray.data.schema import SCHEMA_VERSION, label_embedding_schema, query_embedding_schema
+from vixml_ray.errors import IncompatibleArtifactError, MissingPathError
 
 VERSIONS_DIR = "versions"
 LABELS, QUERIES = "labels", "queries"  # the parts of a version: label vectors, training-query vectors (optional)
@@ -105,8 +106,8 @@ class Manifest:
 
     def _queries(self) -> QueryPart:
         if self.queries is None:
-            raise FileNotFoundError(f"index version {self.version} holds no training-query embeddings (refreshed "
-                                    "without 'infer.raa.enabled')")
+            raise IncompatibleArtifactError(f"index version {self.version} holds no training-query embeddings "
+                                            "(refreshed without 'infer.raa.enabled')")
         return self.queries
 
 
@@ -164,10 +165,11 @@ def read_manifest(index_dir: str, version: str | None = None) -> Manifest:
     """The manifest of ``version`` (default: the current one)."""
     version = version or current_version(index_dir)
     if version is None:
-        raise FileNotFoundError(f"{index_dir}: no committed index version (no {storage.CURRENT} pointer)")
+        raise MissingPathError(storage.join(index_dir, storage.CURRENT),
+                               f"{index_dir}: no committed index version (no {storage.CURRENT} pointer)")
     uri = storage.join(version_dir(index_dir, version), MANIFEST)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"index version {version} of {index_dir} is not committed (no {MANIFEST})")
+        raise MissingPathError(uri, f"index version {version} of {index_dir} is not committed (no {MANIFEST})")
     return Manifest.from_json(storage.read_json(uri))
 
 
