@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from vixml_ray.config import load_config
-from vixml_ray.errors import ConfigError
 from vixml_ray.data import generate_synthetic, open_dataset
 from vixml_ray.data.synthetic import vocabulary
 from vixml_ray.data.synthetic_images import attribute_words
+from vixml_ray.errors import ConfigError
 
 A = 4
 SMALL = ["data.synthetic.num_train=400", "data.synthetic.num_test=200", "data.synthetic.num_topics=12",

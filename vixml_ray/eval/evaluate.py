@@ -35,9 +35,9 @@ import scipy.sparse as sp
 
 from vixml_ray import storage
 from vixml_ray.config import Config, save_config
-from vixml_ray.errors import ConfigError, IncompatibleArtifactError, OutputExistsError
 from vixml_ray.data.dataset import Dataset, open_dataset
 from vixml_ray.data.schema import PREDICTIONS_SCHEMA
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError, OutputExistsError
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest

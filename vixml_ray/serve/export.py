@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from vixml_ray import storage
 from vixml_ray.config import Config, load_config
-from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.data.dataset import Dataset
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.model.embedder import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE
 
 # vision settings that change the image features a model was trained on (runtime knobs may differ)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from vixml_ray.config import Config
-from vixml_ray.errors import ConfigError, IncompatibleArtifactError
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.refresh import check_embedded_by

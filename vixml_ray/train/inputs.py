@@ -13,8 +13,8 @@ import scipy.sparse as sp
 from transformers import PreTrainedTokenizerBase
 
 from vixml_ray.config import Config
-from vixml_ray.errors import ConfigError, IncompatibleArtifactError
 from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError
 from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model.tokens import TokenArrays, load_tokens, save_tokens, tokenize
 from vixml_ray.train import dist

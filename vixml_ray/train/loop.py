@@ -31,8 +31,8 @@ from vixml_ray.train.clustering import balanced_clusters
 from vixml_ray.train.engine import Engine, TorchEngine
 from vixml_ray.train.inputs import TrainInputs, load_inputs
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
-from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.positives import PositiveSampler
+from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import make_step_batch, train_step
