@@ -38,7 +38,8 @@ def resolve_mode(mode: str, filter_file: Optional[str], source: str) -> str:
     if mode == "auto":
         return "file" if filter_file else "none"
     if mode == "file" and not filter_file:
-        raise MissingPathError(storage.join(source, FILTER_FILE), f"data.filters=file but {source} has no {FILTER_FILE}")
+        raise MissingPathError(storage.join(source, FILTER_FILE),
+                               f"data.filters=file but {source} has no {FILTER_FILE}")
     if mode not in FILTER_MODES:
         raise ValueError(f"unknown filter mode {mode!r} (modes: {', '.join(FILTER_MODES)})")
     return mode

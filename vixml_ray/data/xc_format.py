@@ -188,7 +188,7 @@ def _check_values(flat_ind: list, flat_rel: list, offsets: list[int], uids: list
     if bad.size:
         row = _row_of(int(bad[0]), offsets)
         raise InputError(uri, linenos[row], f"uid {uids[row]!r} has label index {int(ind[bad[0]])} outside "
-                              f"[0, {num_labels}) ({num_labels} labels)")
+                                            f"[0, {num_labels}) ({num_labels} labels)")
     rel = _as_array(flat_rel)
     if rel is None or (rel.size and rel.dtype.kind not in "if"):
         row = _row_of(next(i for i, v in enumerate(flat_rel) if type(v) not in (int, float)), offsets)

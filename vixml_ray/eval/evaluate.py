@@ -175,8 +175,9 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         manifest = read_manifest(index_uri)
         check_embedded_by(manifest, export, index_uri)
         if manifest.num_labels != dataset.num_labels:
-            raise IncompatibleArtifactError(f"index version {manifest.version} of {index_uri} holds {manifest.num_labels} labels, "
-                             f"the dataset {dataset.uri} has {dataset.num_labels}")
+            raise IncompatibleArtifactError(f"index version {manifest.version} of {index_uri} holds "
+                                            f"{manifest.num_labels} labels, the dataset {dataset.uri} has "
+                                            f"{dataset.num_labels}")
         parts = served_parts(cfg.infer.raa, manifest, index_uri)
         train_labels = train_label_matrix(index_uri, manifest) if QUERIES in parts else None
         t0 = time.perf_counter()

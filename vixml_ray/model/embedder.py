@@ -193,7 +193,8 @@ def load_export(directory: str) -> Embedder:
         raise MissingPathError(meta_uri, f"{directory}: not an embedder export (no {EXPORT_FILE})")
     meta = storage.read_json(meta_uri)
     if meta.get("format") != EXPORT_FORMAT:
-        raise IncompatibleArtifactError(f"{meta_uri}: unsupported export format {meta.get('format')} (expected {EXPORT_FORMAT})")
+        raise IncompatibleArtifactError(f"{meta_uri}: unsupported export format {meta.get('format')} "
+                                        f"(expected {EXPORT_FORMAT})")
     cfg = _load_config_uri(storage.join(root, CONFIG_FILE))
     if cfg.model.prototypes.enabled and not meta.get("num_labels"):
         raise IncompatibleArtifactError(f"{meta_uri}: the model has label prototypes but no 'num_labels'")

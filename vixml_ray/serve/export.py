@@ -58,9 +58,10 @@ class Export:
         if catalogue is None:
             return
         if dataset.num_labels != self.meta.get("num_labels") or dataset.label_catalogue() != catalogue:
-            raise IncompatibleArtifactError(f"the export {self.uri} has label prototypes for {self.meta.get('num_labels')} labels "
-                             f"of another label set than {dataset.file_uri('label')} ({dataset.num_labels} labels); "
-                             "use the dataset it was trained on, or retrain")
+            raise IncompatibleArtifactError(f"the export {self.uri} has label prototypes for "
+                                            f"{self.meta.get('num_labels')} labels of another label set than "
+                                            f"{dataset.file_uri('label')} ({dataset.num_labels} labels); use the "
+                                            "dataset it was trained on, or retrain")
 
     def identity(self) -> dict[str, Any]:
         """What an index version records about the model that embedded its labels."""
@@ -147,8 +148,8 @@ def check_feature_model(recorded: dict[str, Any], cfg: Config, where: str) -> No
     wrong = [f"{k}: {recorded.get(k)!r} vs {getattr(cfg.vision, k)!r}" for k in FEATURE_MODEL_KEYS
              if recorded.get(k) != getattr(cfg.vision, k)]
     if wrong:
-        raise IncompatibleArtifactError(f"{where}: image features were made by another vision model than the export's "
-                          f"'vision' config ({'; '.join(wrong)})")
+        raise IncompatibleArtifactError(f"{where}: image features were made by another vision model than the "
+                                        f"export's 'vision' config ({'; '.join(wrong)})")
 
 
 def feature_cache(cfg: Config, export: Export, dataset: Dataset) -> FeatureCache | None:
@@ -160,11 +161,12 @@ def feature_cache(cfg: Config, export: Export, dataset: Dataset) -> FeatureCache
     slug = feature_slug(cfg.vision)
     caches = dataset.features()
     if slug not in caches:
-        raise IncompatibleArtifactError(f"{dataset.uri}: no image feature cache '{slug}' for the export's vision config (caches: "
-                          f"{sorted(caches)}); run jobs/embed_images.py with the training config first")
+        raise IncompatibleArtifactError(f"{dataset.uri}: no image feature cache '{slug}' for the export's vision "
+                                        f"config (caches: {sorted(caches)}); run jobs/embed_images.py with the "
+                                        "training config first")
     info = caches[slug]
     if int(info["dim"]) != export.image_dim:
-        raise IncompatibleArtifactError(f"{dataset.uri}: feature cache '{slug}' has dim {info['dim']}, the export's image "
-                          f"projection expects {export.image_dim}")
+        raise IncompatibleArtifactError(f"{dataset.uri}: feature cache '{slug}' has dim {info['dim']}, the "
+                                        f"export's image projection expects {export.image_dim}")
     check_feature_model(info.get("model", {}), cfg, f"{dataset.uri} feature cache '{slug}'")
     return FeatureCache(slug, dict(info))

@@ -96,9 +96,9 @@ def open_images(cfg: Config, dataset: Dataset) -> FeatureBank | None:
         return None
     if not dataset.features():
         raise IncompatibleArtifactError(f"'model.use_images' is true but {dataset.uri} has no image features "
-                          "(run jobs/embed_images.py first)")
+                                        "(run jobs/embed_images.py first)")
     try:
         return FeatureBank.open(dataset.uri)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise IncompatibleArtifactError(f"'model.use_images' is true but {dataset.uri} has no image features "
-                          f"(run jobs/embed_images.py first): {err}") from err
+                                        f"(run jobs/embed_images.py first): {err}") from err

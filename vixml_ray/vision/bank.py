@@ -42,7 +42,8 @@ class FeatureBank:
             self._index[split] = np.load(index_path, mmap_mode="r")
             self._emb[split] = np.load(os.path.join(bank_dir, f"{split}_emb.npy"), mmap_mode="r")
             if self._emb[split].shape[1:] != (self.dim,):
-                raise IncompatibleArtifactError(f"{bank_dir}/{split}_emb.npy: shape {self._emb[split].shape}, expected [n, {dim}]")
+                raise IncompatibleArtifactError(f"{bank_dir}/{split}_emb.npy: shape {self._emb[split].shape}, "
+                                                f"expected [n, {dim}]")
 
     @classmethod
     def open(cls, dataset_uri: str, model_slug: Optional[str] = None, local_dir: Optional[str] = None) -> "FeatureBank":
