@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
-from vixml_ray.errors import OutputExistsError
+from vixml_ray.errors import MissingPathError, OutputExistsError
 
 CURRENT = "CURRENT"
 
@@ -46,6 +46,14 @@ def join(base: str, *parts: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def require(uri: str, what: str) -> str:
+    """``uri`` when it exists, else a :class:`~vixml_ray.errors.MissingPathError` naming it as ``what`` (e.g. the
+    flag or config key that gave it)."""
+    if not exists(uri):
+        raise MissingPathError(uri, f"{what} {uri}: no such file or directory")
+    return uri
 
 
 def read_text(uri: str) -> str:
