@@ -21,7 +21,7 @@ import ray
 
 from vixml_ray import storage
 from vixml_ray.config import Config, replace
-from vixml_ray.pipeline import check_data_inputs, ensure_dataset
+from vixml_ray.pipeline import ensure_dataset
 from vixml_ray.ray_utils import init_ray
 from vixml_ray.serve.export import absolute_uri
 
@@ -40,7 +40,6 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     from vixml_ray.index.refresh import refresh_labels
     from vixml_ray.train.ray_train import fit
 
-    check_data_inputs(cfg)
     started_ray = not ray.is_initialized()
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
     out = absolute_uri(cfg.out_dir)

@@ -40,7 +40,7 @@ def check_data_inputs(cfg: Config) -> None:
         return
     if not cfg.data.source:
         raise MissingPathError(dataset, f"data.dataset={dataset} is not a prepared dataset and data.source is not set")
-    storage.require(cfg.data.source, "data.source=")
+    storage.require(cfg.data.source, "data.source")
 
 
 def ensure_dataset(cfg: Config) -> Config:
@@ -68,7 +68,6 @@ def run_training(cfg: Config, run_name: str = "train") -> dict[str, Any]:
     """The train job: Ray up, dataset and features present, then Ray Train (see :func:`vixml_ray.train.fit`)."""
     from vixml_ray.train.ray_train import fit
 
-    check_data_inputs(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.object_store_memory)
     cfg = ensure_dataset(cfg)
     return fit(cfg, run_name=run_name)

@@ -52,7 +52,7 @@ def require(uri: str, what: str) -> str:
     """``uri`` when it exists, else a :class:`~vixml_ray.errors.MissingPathError` naming it as ``what`` (e.g. the
     flag or config key that gave it)."""
     if not exists(uri):
-        raise MissingPathError(uri, f"{what} {uri}: no such file or directory")
+        raise MissingPathError(uri, f"{what}: {uri} does not exist")
     return uri
 
 

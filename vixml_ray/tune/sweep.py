@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from vixml_ray import storage
 from vixml_ray.config import Config, save_config, to_yaml
 from vixml_ray.errors import ConfigError
-from vixml_ray.pipeline import check_data_inputs, ensure_dataset
+from vixml_ray.pipeline import ensure_dataset
 from vixml_ray.ray_utils import init_ray
 from vixml_ray.train.ray_train import prepare_shared
 from vixml_ray.tune.report import ENDED, collect_rows, write_report
@@ -85,7 +85,6 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     """The sweep job: runs (or resumes) the sweep of ``cfg`` and writes its report; returns the summary (see
     :func:`vixml_ray.tune.report.write_report`), or ``{"interrupted": true, ...}`` when it was interrupted."""
     space = check_sweep_config(cfg)
-    check_data_inputs(cfg)
     start = time.perf_counter()
     experiment = experiment_path(cfg)
     resumed = tune.Tuner.can_restore(experiment)
