@@ -203,6 +203,7 @@ class TrainConfig:
     num_workers: int = bounded(1, 0)
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, 0.0)
+    progress_every_s: float = bounded(30.0, 0.0)  # seconds between rank 0's progress lines in an epoch; 0 = none
     checkpoint_every_epochs: int = bounded(1, 1)
     eval_every_epochs: int = bounded(1, 1)
     max_failures: int = bounded(0, -1)

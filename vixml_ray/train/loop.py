@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import numpy as np
@@ -61,6 +62,32 @@ class LoopState:
 
 
 @dataclass
+class EpochProgress:
+    """Rank 0's progress line within an epoch, at most every ``every_s`` seconds (``train.progress_every_s``):
+    epoch, batch/batches, mean loss since the previous line, samples/s and the time left in the epoch."""
+
+    epoch: int
+    batches: int
+    first: int  # the batch this process starts the epoch at (a resumed run starts mid-epoch)
+    every_s: float
+    started: float = field(default_factory=time.perf_counter)
+    shown_at: float = field(default_factory=time.perf_counter)
+    shown: int = 0  # losses already summarised
+
+    def after(self, index: int, losses: list[float], queries: int) -> None:
+        """Called after batch ``index``; ``losses`` and ``queries`` count this process's batches of the epoch."""
+        now = time.perf_counter()
+        if self.every_s <= 0 or now - self.shown_at < self.every_s or dist.rank() != 0:
+            return
+        elapsed, done = now - self.started, index + 1 - self.first
+        left = elapsed / done * (self.batches - index - 1)
+        log.info("epoch %d batch %d/%d loss %.4f %.1f samples/s, %s left in the epoch", self.epoch, index + 1,
+                 self.batches, float(np.mean(losses[self.shown:])), queries / elapsed,
+                 timedelta(seconds=round(left)))
+        self.shown_at, self.shown = now, len(losses)
+
+
+@dataclass
 class Trainer:
     """The pieces of one training run on one worker (see :func:`train_loop`)."""
 
@@ -89,6 +116,7 @@ class Trainer:
             batches = self.sampler.epoch_batches(epoch)
             sampled = self.positives.sample(epoch)
             losses, queries, grad_norm, start = [], 0, 0.0, time.perf_counter()
+            progress = EpochProgress(epoch, len(batches), self.state.batch, train.progress_every_s)
             for index in range(self.state.batch, len(batches)):
                 batch = make_step_batch(batches[index], sampled, self.inputs.train_labels,
                                         self.inputs.tokens["train"], self.inputs.tokens["label"],
@@ -102,6 +130,7 @@ class Trainer:
                 self.state.batch = index + 1
                 if self.state.first_loss is None:
                     self.state.first_loss = loss
+                progress.after(index, losses, queries)
                 if self._reached_limit():
                     stop = True
                     break
