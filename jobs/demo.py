@@ -1,4 +1,4 @@
-"""``python jobs/demo.py ...`` is ``vixml-ray demo ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/demo.py ...`` = ``vixml-ray demo ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

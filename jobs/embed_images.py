@@ -1,4 +1,4 @@
-"""``python jobs/embed_images.py ...`` is ``vixml-ray embed_images ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/embed_images.py ...`` = ``vixml-ray embed_images ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

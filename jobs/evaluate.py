@@ -1,4 +1,4 @@
-"""``python jobs/evaluate.py ...`` is ``vixml-ray evaluate ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/evaluate.py ...`` = ``vixml-ray evaluate ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

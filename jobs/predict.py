@@ -1,4 +1,4 @@
-"""``python jobs/predict.py ...`` is ``vixml-ray predict ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/predict.py ...`` = ``vixml-ray predict ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python jobs/prepare_data.py ...`` is ``vixml-ray prepare_data ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/prepare_data.py ...`` = ``vixml-ray prepare_data ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

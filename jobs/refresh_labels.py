@@ -1,4 +1,4 @@
-"""``python jobs/refresh_labels.py ...`` is ``vixml-ray refresh_labels ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/refresh_labels.py ...`` = ``vixml-ray refresh_labels ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python jobs/sweep.py ...`` is ``vixml-ray sweep ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/sweep.py ...`` = ``vixml-ray sweep ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python jobs/train.py ...`` is ``vixml-ray train ...``: the job is defined in vixml_ray/cli.py (see --help)."""
+"""``python jobs/train.py ...`` = ``vixml-ray train ...`` (defined in vixml_ray/cli.py)."""
 from vixml_ray.cli import job_main
 
 if __name__ == "__main__":
