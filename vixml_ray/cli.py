@@ -25,6 +25,7 @@ from vixml_ray.config import Config, check_overrides, load_config
 from vixml_ray.errors import ConfigError, VixmlError
 
 Summary = dict[str, Any]
+Flag = tuple[tuple[str, ...], dict[str, Any]]  # the arguments of one ``add_argument`` call
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Job:
 
     name: str
     doc: str  # usage and description (the first line is the summary in ``vixml-ray --help``)
-    flags: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
+    flags: tuple[Flag, ...]
     run: Callable[[argparse.Namespace, Config], Summary]
     inputs: tuple[str, ...] = ()  # argument names whose paths/URIs must exist
     data_inputs: bool = False  # the job prepares data.dataset from data.source when needed (both checked)
@@ -48,12 +49,12 @@ class Job:
 JOBS: dict[str, Job] = {}
 
 
-def flag(*names: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+def flag(*names: str, **kwargs: Any) -> Flag:
     """One ``add_argument`` call of a job's parser."""
     return names, kwargs
 
 
-def job(doc: str, *flags: tuple[tuple[str, ...], dict[str, Any]], inputs: Sequence[str] = (),
+def job(doc: str, *flags: Flag, inputs: Sequence[str] = (),
         data_inputs: bool = False, export_config: bool = False, default_config: str | None = None) -> Callable:
     """Registers the decorated ``fn(args, cfg) -> summary`` as the job named like it."""
 
