@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from vixml_ray.config import PRESET_DIR, Config, ConfigError, load_config, replace, save_config
+from vixml_ray.config import PRESET_DIR, Config, check_overrides, load_config, replace, save_config
+from vixml_ray.errors import ConfigError
 
 
 def test_defaults_and_overrides() -> None:
@@ -32,6 +34,17 @@ def test_bad_overrides_name_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
+
+
+def test_overrides_are_checked_against_the_schema_alone() -> None:
+    """What a job checks before reading the config the overrides apply to (an export's): keys, types, ranges; not
+    the cross-field rules, which depend on that config."""
+    check_overrides(["infer.max_actors=2", "vision.num_cpus_per_actor=0.5"])  # equal to decode_num_cpus: cross-field
+    for override, fragment in [("train.epoch=3", "did you mean 'train.epochs'"),
+                               ("infer.batch_size=0", "'infer.batch_size': 0 (must be >= 1)"),
+                               ("eval.k=x", "invalid value for 'eval.k'")]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            check_overrides([override])
 
 
 def test_preset_typo_names_file_and_key(tmp_path: Path) -> None:

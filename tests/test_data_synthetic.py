@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vixml_ray.config import ConfigError, load_config
+from vixml_ray.cli import run
+from vixml_ray.config import load_config
 from vixml_ray.data import generate_synthetic, open_dataset
 from vixml_ray.data.synthetic import vocabulary
 from vixml_ray.data.synthetic_images import attribute_words
+from vixml_ray.errors import ConfigError, OutputExistsError
 
 A = 4
 SMALL = ["data.synthetic.num_train=400", "data.synthetic.num_test=200", "data.synthetic.num_topics=12",
@@ -137,16 +138,11 @@ def test_multi_label_items_share_one_attribute(tmp_path: Path) -> None:
         load_config(None, ["data.synthetic.num_attributes=13"])
 
 
-def test_prepare_data_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("prepare_data_job",
-                                                  Path(__file__).resolve().parent.parent / "jobs" / "prepare_data.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+def test_prepare_data_job(tmp_path: Path) -> None:
     raw, out = tmp_path / "raw", tmp_path / "out"
-    job.main(["--synthetic", "--format", "xc", "--out", str(raw), *SMALL])
-    job.main(["--source", str(raw), "--out", str(out), "data.write_batch_rows=64"])
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run("prepare_data", ["--synthetic", "--format", "xc", "--out", str(raw), *SMALL])
+    last = run("prepare_data", ["--source", str(raw), "--out", str(out), "data.write_batch_rows=64"])
     assert last["out"] == str(out) and last["counts"]["train"] == 400 and last["counts"]["labels"] == 12 * A
-    with pytest.raises(FileExistsError):
-        job.main(["--source", str(raw), "--out", str(out)])
-    job.main(["--source", str(raw), "--out", str(out), "--overwrite"])
+    with pytest.raises(OutputExistsError):
+        run("prepare_data", ["--source", str(raw), "--out", str(out)])
+    run("prepare_data", ["--source", str(raw), "--out", str(out), "--overwrite"])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from vixml_ray.config import load_config
-from vixml_ray.data import DataFormatError, open_dataset, prepare_dataset
+from vixml_ray.data import open_dataset, prepare_dataset
+from vixml_ray.errors import InputError
 
 
 def _write_jsonl(path: Path, rows: list) -> None:
@@ -72,7 +73,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path) -> None:
     src = _source(tmp_path, [_item("a", [0]), '{"uid": "b", "title": "x", "target_ind": [0', _item("c", [1])],
                   [_item("t", [0])], ["l0", "l1"])
     out = tmp_path / "out"
-    with pytest.raises(DataFormatError, match=r"trn\.json\.gz:2: malformed JSON line"):
+    with pytest.raises(InputError, match=r"trn\.json\.gz:2: malformed JSON line"):
         prepare_dataset(str(src), str(out), load_config())
     _no_leftovers(tmp_path, out)
 
@@ -81,24 +82,24 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path) -> None:
 def test_target_out_of_range_names_uid_and_line(tmp_path: Path, bad: int) -> None:
     src = _source(tmp_path, [_item("a", [0])], [_item("t0", [1]), _item("t1", [0, bad])], ["l0", "l1"])
     out = tmp_path / "out"
-    with pytest.raises(DataFormatError, match=rf"tst\.json\.gz:2: uid 't1' has label index {bad} outside \[0, 2\)"):
+    with pytest.raises(InputError, match=rf"tst\.json\.gz:2: uid 't1' has label index {bad} outside \[0, 2\)"):
         prepare_dataset(str(src), str(out), load_config(None, ["data.write_batch_rows=1"]))
     _no_leftovers(tmp_path, out)
 
 
 def test_missing_key_and_bad_rel(tmp_path: Path) -> None:
     src = _source(tmp_path, [{"uid": "a", "target_ind": [0]}], [_item("t", [0])], ["l0"], name="nokey")
-    with pytest.raises(DataFormatError, match=r"trn\.json\.gz:1: missing key 'title'"):
+    with pytest.raises(InputError, match=r"trn\.json\.gz:1: missing key 'title'"):
         prepare_dataset(str(src), str(tmp_path / "o1"), load_config())
     src = _source(tmp_path, [_item("a", [0], rels=[1.0, 2.0])], [_item("t", [0])], ["l0"], name="badrel")
-    with pytest.raises(DataFormatError, match=r"trn\.json\.gz:1: key 'target_rel' must be a list of 1 numbers"):
+    with pytest.raises(InputError, match=r"trn\.json\.gz:1: key 'target_rel' must be a list of 1 numbers"):
         prepare_dataset(str(src), str(tmp_path / "o2"), load_config())
     src = _source(tmp_path, [_item("a", [0]), _item("b", [0, 1.5])], [_item("t", [0])], ["l0", "l1"], name="badind")
-    with pytest.raises(DataFormatError, match=r"trn\.json\.gz:2: key 'target_ind' must be a list of integers "
+    with pytest.raises(InputError, match=r"trn\.json\.gz:2: key 'target_ind' must be a list of integers "
                                               r"\(uid 'b'\)"):
         prepare_dataset(str(src), str(tmp_path / "o3"), load_config())
     src = _source(tmp_path, [_item("a", [0], rels=["high"])], [_item("t", [0])], ["l0"], name="strrel")
-    with pytest.raises(DataFormatError, match=r"trn\.json\.gz:1: key 'target_rel' must be a list of numbers"):
+    with pytest.raises(InputError, match=r"trn\.json\.gz:1: key 'target_rel' must be a list of numbers"):
         prepare_dataset(str(src), str(tmp_path / "o4"), load_config())
 
 
@@ -121,7 +122,7 @@ def test_filter_file(tmp_path: Path) -> None:
     assert none["counts"]["filters"] == 0
     (src / "filter_labels_test.txt").write_text("0 1\n2 0\n")
     out = tmp_path / "bad"
-    with pytest.raises(DataFormatError, match=r"filter_labels_test\.txt:2: pair \(2, 0\) outside 2 test rows"):
+    with pytest.raises(InputError, match=r"filter_labels_test\.txt:2: pair \(2, 0\) outside 2 test rows"):
         prepare_dataset(str(src), str(out), load_config())
     _no_leftovers(tmp_path, out)
 
@@ -153,14 +154,14 @@ def test_trn_x_y_label_source(tmp_path: Path) -> None:
     assert json_ds.label_matrix("train").toarray().tolist() == [[1, 0, 0], [1, 0, 0]]
 
     (src / "trn_X_Y.txt").write_text("2 3\n1:0.5 2:1\n")
-    with pytest.raises(DataFormatError, match=r"trn_X_Y\.txt: has 2 rows .* is item 2"):
+    with pytest.raises(InputError, match=r"trn_X_Y\.txt: has 2 rows .* is item 2"):
         prepare_dataset(str(src), str(tmp_path / "short"), load_config())
     (src / "trn_X_Y.txt").write_text("2 3\n1:0.5 2:x\n\n")
-    with pytest.raises(DataFormatError, match=r"trn_X_Y\.txt:2: bad 'label:value' pair '2:x'"):
+    with pytest.raises(InputError, match=r"trn_X_Y\.txt:2: bad 'label:value' pair '2:x'"):
         prepare_dataset(str(src), str(tmp_path / "bad"), load_config())
     (src / "trn_X_Y.txt").write_text("2 3\n1:0.5 5:1\n\n")
-    with pytest.raises(DataFormatError, match=r"trn_X_Y\.txt:2: uid 'a' has label index 5"):
+    with pytest.raises(InputError, match=r"trn_X_Y\.txt:2: uid 'a' has label index 5"):
         prepare_dataset(str(src), str(tmp_path / "range"), load_config())
     (src / "trn_X_Y.txt").write_text("2 4\n1:0.5\n\n")
-    with pytest.raises(DataFormatError, match=r"trn_X_Y\.txt:1: header says 4 labels, the label file has 3"):
+    with pytest.raises(InputError, match=r"trn_X_Y\.txt:1: header says 4 labels, the label file has 3"):
         prepare_dataset(str(src), str(tmp_path / "cols"), load_config())

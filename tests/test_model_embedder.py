@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig, Qwen2Config, ViTConfig
 
-from vixml_ray.config import ConfigError, load_config
+from vixml_ray.config import load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import array_images, build_embedder, embed_arrays, load_export, tokenize
 from vixml_ray.model.backbone import detect_kind
 

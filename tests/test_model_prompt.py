@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vixml_ray.config import ConfigError, load_config
+from vixml_ray.config import load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import build_embedder, tokenize
 from vixml_ray.model.prompt import CONST, IMAGE_KIND, PAD_KIND, TEXT_KIND
 

@@ -4,7 +4,6 @@ index give exactly the evaluation job's predictions (whose image features came f
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import numpy as np
 import pytest
 
 from inference_helpers import inference_config, make_dataset, make_export
+from vixml_ray.cli import run
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.eval.evaluate import evaluate, read_predictions
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.predict.predictor import Predictor, Query
 from vixml_ray.vision.pipeline import embed_images
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
@@ -48,9 +47,6 @@ def setup(ray_session, tmp_path_factory):
 
 
 def test_predict_job_equals_the_evaluation_predictions(setup):
-    spec = importlib.util.spec_from_file_location("predict_job", ROOT / "jobs" / "predict.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     ds = open_dataset(setup["dataset"])
     texts, images = ds.texts("test"), setup["images"]
     assert any(not Path(p).exists() for slots in images for p in slots)  # missing files are masked, as in the cache
@@ -62,8 +58,8 @@ def test_predict_job_equals_the_evaluation_predictions(setup):
     queries, out = setup["tmp"] / "queries.jsonl", setup["tmp"] / "predictions.jsonl"
     queries.write_text("\n".join(lines) + "\n")
 
-    summary = job.main(["--checkpoint", setup["export"], "--index", setup["index"], "--queries", str(queries),
-                    "--out", str(out), "--k", str(setup["cfg"].eval.topk)])
+    summary = run("predict", ["--checkpoint", setup["export"], "--index", setup["index"], "--queries", str(queries),
+                              "--out", str(out), "--k", str(setup["cfg"].eval.topk)])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert (summary["queries"], summary["predicted"], summary["skipped"]) == (len(lines), ds.num_test + 1, 3)
     assert [r["line"] for r in records] == list(range(1, len(lines) + 1))

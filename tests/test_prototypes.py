@@ -11,8 +11,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.config import Config, load_config
 from vixml_ray.data.synthetic import generate_synthetic
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import build_embedder, load_export
 from vixml_ray.model.prototypes import num_prototype_clusters
 from vixml_ray.train import train

@@ -12,8 +12,9 @@ import pytest
 import scipy.sparse as sp
 
 from inference_helpers import inference_config, make_dataset, make_export, reference_embeddings
-from vixml_ray.config import ConfigError, IndexConfig, RetrievalAugmentationConfig
+from vixml_ray.config import IndexConfig, RetrievalAugmentationConfig
 from vixml_ray.data.dataset import open_dataset
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.eval.evaluate import evaluate, read_predictions
 from vixml_ray.index import QUERIES, ShardedIndex, VersionWriter, read_manifest, read_rows
 from vixml_ray.index.raa import augmented_search, combine, vote_matrix
@@ -215,8 +216,8 @@ def test_raa_needs_the_training_queries_in_the_index(trained):
     dim = read_export(trained["export"]).hidden_size
     writer.write_shard(path, 0, np.arange(30), np.eye(30, dim, dtype=np.float32))
     writer.commit(path, {"export": read_export(trained["export"]).identity()})
-    with pytest.raises(ConfigError, match=rf"'infer.raa.enabled'.*v1 of {plain_index}"):
+    with pytest.raises(IncompatibleArtifactError, match=rf"'infer.raa.enabled'.*v1 of {plain_index}"):
         evaluate(trained["export"], trained["dataset"], str(trained["tmp"] / "eval-x"), index_dir=plain_index,
                  cfg=trained["cfg"])
-    with pytest.raises(ConfigError, match="'infer.raa.enabled'"):
+    with pytest.raises(IncompatibleArtifactError, match="'infer.raa.enabled'"):
         Predictor(trained["export"], plain_index, trained["cfg"])

@@ -21,7 +21,7 @@ from inference_helpers import (
     reference_embeddings,
     write_random_features,
 )
-from vixml_ray.config import ConfigError
+from vixml_ray.errors import ConfigError
 from vixml_ray.index import ShardedIndex, current_version, list_versions, read_manifest, read_rows
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.index.tables import read_labels

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vixml_ray.config import ConfigError, load_config
+from vixml_ray.config import load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.tune import PRESETS, apply_choices, search_space
 from vixml_ray.tune.presets import PROMPT_ABLATION
 

@@ -4,6 +4,8 @@ used, the export is published, and a run resumed from a checkpoint repeats the u
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from vixml_ray.config import Config, load_config
 from vixml_ray.data.synthetic import generate_synthetic
 from vixml_ray.train import train
+from vixml_ray.train.loop import EpochProgress
 
 
 def _config(root: Path, dataset: str, **overrides: object) -> Config:
@@ -90,3 +93,20 @@ def test_training_learns_and_resumes_exactly(dataset: tuple[Path, str]) -> None:
         assert repeated["val_P@1"] == original["val_P@1"]
     assert again["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-5, abs=1e-7)
     assert again["first_loss"] == summary["first_loss"]
+
+
+def test_epoch_progress_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Rank 0 logs batch/batches, the mean loss since the previous line, samples/s and the time left in the epoch;
+    a resumed epoch counts from its first batch; 0 s = no lines."""
+    caplog.set_level(logging.INFO, logger="vixml_ray.train.loop")
+    progress = EpochProgress(epoch=2, batches=10, first=4, every_s=1e-9)
+    progress.after(4, [1.0], queries=32)
+    progress.after(5, [1.0, 0.5], queries=64)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert re.fullmatch(r"epoch 2 batch 5/10 loss 1\.0000 [\d.]+ samples/s, \d+:\d\d:\d\d left in the epoch", lines[0])
+    assert lines[1].startswith("epoch 2 batch 6/10 loss 0.5000 ")
+    caplog.clear()
+    silent = EpochProgress(epoch=0, batches=10, first=0, every_s=0.0)
+    silent.after(0, [1.0], queries=32)
+    assert not caplog.records

@@ -11,6 +11,7 @@ import torch
 from vixml_ray.config import load_config
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.data.synthetic import generate_synthetic
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.vision import cache
 from vixml_ray.vision.bank import FeatureBank
 
@@ -88,7 +89,7 @@ def test_choosing_among_caches_and_bad_requests(dataset):
     _write_cache(dataset, "model-b", rows_per_shard=50, seed=2)
     with pytest.raises(ValueError, match="2 feature caches"):
         FeatureBank.open(dataset)
-    with pytest.raises(KeyError, match="no feature cache 'model-c'"):
+    with pytest.raises(IncompatibleArtifactError, match="no feature cache 'model-c'"):
         FeatureBank.open(dataset, "model-c")
     bank = FeatureBank.open(dataset, "model-b")
     with pytest.raises(ValueError, match="unknown split"):

@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.config import Config, load_config
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.data.synthetic import generate_synthetic
+from vixml_ray.errors import ConfigError
 from vixml_ray.vision import cache
 from vixml_ray.vision.bank import FeatureBank
 from vixml_ray.vision.decode import decode_rgb

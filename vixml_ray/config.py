@@ -15,16 +15,14 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from vixml_ray.errors import ConfigError
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # shipped inside the package (wheel installs have them)
-
-
-class ConfigError(ValueError):
-    """A configuration file, override or value is invalid; the message names the key."""
 
 
 def choice(default: Any, *choices: Any, help: str = "") -> Any:
@@ -205,6 +203,7 @@ class TrainConfig:
     num_workers: int = bounded(1, 0)
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, 0.0)
+    progress_every_s: float = bounded(30.0, 0.0)  # seconds between rank 0's progress lines in an epoch; 0 = none
     checkpoint_every_epochs: int = bounded(1, 1)
     eval_every_epochs: int = bounded(1, 1)
     max_failures: int = bounded(0, -1)
@@ -363,16 +362,7 @@ def resolve_preset(name: str | Path) -> Path:
     raise ConfigError(f"config file not found: {name} (presets: {', '.join(presets)})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset file (with ``extends``) <- dotted ``key=value`` overrides; validated."""
-    schema = OmegaConf.structured(Config)
-    merged = schema
-    if path is not None:
-        preset = resolve_preset(path)
-        try:
-            merged = OmegaConf.merge(merged, _load_yaml(preset.resolve()))
-        except OmegaConfBaseException as err:
-            raise _explain(err, str(preset)) from err
+def _merge_overrides(merged: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=3)")
@@ -380,6 +370,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"override '{item}'") from err
+    return merged
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Checks dotted overrides against the schema alone (key names, value types and declared ranges) before the
+    config they apply to is known, e.g. an export's own config that a job has yet to read."""
+    cfg = OmegaConf.to_object(_merge_overrides(OmegaConf.structured(Config), overrides))
+    _check_fields(cfg, "")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- preset file (with ``extends``) <- dotted ``key=value`` overrides; validated."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        preset = resolve_preset(path)
+        try:
+            merged = OmegaConf.merge(merged, _load_yaml(preset.resolve()))
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(preset)) from err
+    merged = _merge_overrides(merged, overrides)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

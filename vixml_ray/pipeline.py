@@ -16,6 +16,8 @@ from typing import Any
 
 from vixml_ray import storage
 from vixml_ray.config import Config, replace
+from vixml_ray.data.schema import MANIFEST
+from vixml_ray.errors import MissingPathError
 from vixml_ray.ray_utils import init_ray_for
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,21 @@ def synthetic_dataset_path(cfg: Config) -> str:
     return os.path.abspath(os.path.join(cfg.cache_dir, "datasets", f"synthetic-{key}"))
 
 
+def _is_prepared(dataset: str) -> bool:
+    return storage.exists(storage.join(storage.resolve(dataset), MANIFEST))
+
+
+def check_data_inputs(cfg: Config) -> None:
+    """Fails fast, before Ray starts, when ``data.dataset`` is not a prepared dataset and ``data.source`` (to prepare
+    it from) is unset or missing."""
+    dataset = cfg.data.dataset
+    if not dataset or _is_prepared(dataset):
+        return
+    if not cfg.data.source:
+        raise MissingPathError(dataset, f"data.dataset={dataset} is not a prepared dataset and data.source is not set")
+    storage.require(cfg.data.source, "data.source")
+
+
 def ensure_dataset(cfg: Config) -> Config:
     """``cfg`` with ``data.dataset`` pointing at a prepared dataset that has the image features the model needs."""
     from vixml_ray.data import generate_synthetic, prepare_dataset
@@ -33,12 +50,11 @@ def ensure_dataset(cfg: Config) -> Config:
     dataset = cfg.data.dataset
     if not dataset:
         dataset = synthetic_dataset_path(cfg)
-        if not storage.exists(storage.join(dataset, "manifest.json")):
+        if not storage.exists(storage.join(dataset, MANIFEST)):
             log.info("generating the synthetic dataset %s", dataset)
             generate_synthetic(dataset, cfg, fmt="dataset")
-    elif not storage.exists(storage.join(storage.resolve(dataset), "manifest.json")):
-        if not cfg.data.source:
-            raise FileNotFoundError(f"data.dataset={dataset} is not a prepared dataset and data.source is not set")
+    elif not _is_prepared(dataset):
+        check_data_inputs(cfg)
         prepare_dataset(cfg.data.source, dataset, cfg)
     cfg = replace(cfg, **{"data.dataset": dataset})
     if cfg.model.use_images and cfg.model.num_images > 0:

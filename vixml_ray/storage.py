@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
+from vixml_ray.errors import MissingPathError, OutputExistsError
+
 CURRENT = "CURRENT"
 
 
@@ -44,6 +46,14 @@ def join(base: str, *parts: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def require(uri: str, what: str) -> str:
+    """``uri`` when it exists, else a :class:`~vixml_ray.errors.MissingPathError` naming it as ``what`` (e.g. the
+    flag or config key that gave it)."""
+    if not exists(uri):
+        raise MissingPathError(uri, f"{what}: {uri} does not exist")
+    return uri
 
 
 def read_text(uri: str) -> str:
@@ -100,7 +110,7 @@ def publish(uri: str, overwrite: bool = False) -> Iterator[str]:
     """
     fs, path = filesystem(uri)
     if exists(uri) and not overwrite:
-        raise FileExistsError(f"output already exists: {uri} (remove it or pass --overwrite)")
+        raise OutputExistsError(uri)
     version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     if isinstance(fs, pafs.LocalFileSystem):
         staging = f"{path.rstrip('/')}.tmp-{version}"

@@ -12,10 +12,8 @@ Public API (layout and schemas in :mod:`vixml_ray.data.schema`)::
 from vixml_ray.data.dataset import Dataset, open_dataset, register_features, split_validation
 from vixml_ray.data.prepare import prepare_dataset
 from vixml_ray.data.synthetic import generate_synthetic
-from vixml_ray.data.xc_format import DataFormatError
 
 __all__ = [
-    "DataFormatError",
     "Dataset",
     "generate_synthetic",
     "open_dataset",

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from vixml_ray import storage
 from vixml_ray.config import DataConfig
 from vixml_ray.data import schema
+from vixml_ray.errors import IncompatibleArtifactError, MissingPathError
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -47,12 +48,12 @@ class Dataset:
         self.uri = storage.resolve(uri)
         manifest_uri = storage.join(self.uri, schema.MANIFEST)
         if not storage.exists(manifest_uri):
-            raise FileNotFoundError(f"not a prepared dataset (no {schema.MANIFEST}): {uri}")
+            raise MissingPathError(uri, f"not a prepared dataset (no {schema.MANIFEST}): {uri}")
         self.manifest: dict[str, Any] = storage.read_json(manifest_uri)
         version = self.manifest.get("schema_version")
         if version != schema.SCHEMA_VERSION:
-            raise ValueError(f"{manifest_uri}: schema version {version}, this code reads {schema.SCHEMA_VERSION}; "
-                             "prepare the dataset again")
+            raise IncompatibleArtifactError(f"{manifest_uri}: schema version {version}, this code reads "
+                                            f"{schema.SCHEMA_VERSION}; prepare the dataset again")
 
     def __repr__(self) -> str:
         return f"Dataset({self.uri!r}, train={self.num_train}, test={self.num_test}, labels={self.num_labels})"
@@ -183,7 +184,7 @@ def register_features(dataset_uri: str, model_slug: str, info: dict[str, Any]) -
     root = storage.resolve(dataset_uri)
     manifest_uri = storage.join(root, schema.MANIFEST)
     if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"not a prepared dataset (no {schema.MANIFEST}): {dataset_uri}")
+        raise MissingPathError(dataset_uri, f"not a prepared dataset (no {schema.MANIFEST}): {dataset_uri}")
     with _manifest_lock(root):
         manifest = storage.read_json(manifest_uri)
         manifest.setdefault("features", {})[model_slug] = dict(info)

@@ -27,15 +27,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vixml_ray import storage
+from vixml_ray.data.xc_format import FILTER_FILE
+from vixml_ray.errors import MissingPathError
+
 FILTER_MODES = ("auto", "none", "file", "self_reciprocal")
 
 
-def resolve_mode(mode: str, filter_file: Optional[str]) -> str:
+def resolve_mode(mode: str, filter_file: Optional[str], source: str) -> str:
     """The effective mode; ``file`` without a file is an error naming the expected file."""
     if mode == "auto":
         return "file" if filter_file else "none"
     if mode == "file" and not filter_file:
-        raise FileNotFoundError("data.filters=file but the source has no filter_labels_test.txt")
+        raise MissingPathError(storage.join(source, FILTER_FILE),
+                               f"data.filters=file but {source} has no {FILTER_FILE}")
     if mode not in FILTER_MODES:
         raise ValueError(f"unknown filter mode {mode!r} (modes: {', '.join(FILTER_MODES)})")
     return mode

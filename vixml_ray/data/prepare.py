@@ -20,21 +20,25 @@ from vixml_ray.config import Config
 from vixml_ray.data.filters import SelfReciprocalFilter, normalise_pairs, resolve_mode
 from vixml_ray.data.writer import DatasetWriter
 from vixml_ray.data.xc_format import (
+    XY_FILES,
     SourceFiles,
     iter_item_batches,
     iter_label_batches,
     locate_source,
     read_filter_file,
 )
+from vixml_ray.errors import InputError, MissingPathError
 
 log = logging.getLogger(__name__)
 
 
-def label_source(cfg_value: str, files: SourceFiles) -> str:
+def label_source(cfg_value: str, files: SourceFiles, source: str) -> str:
     """``json`` or ``xy`` (see :mod:`vixml_ray.data.xc_format`)."""
     has_xy = files.train_xy is not None and files.test_xy is not None
     if cfg_value == "xy" and not has_xy:
-        raise FileNotFoundError("data.label_source=xy but the source lacks trn_X_Y.txt and/or tst_X_Y.txt")
+        missing = XY_FILES["train"] if files.train_xy is None else XY_FILES["test"]
+        raise MissingPathError(storage.join(source, missing),
+                               f"data.label_source=xy but {source} lacks trn_X_Y.txt and/or tst_X_Y.txt")
     if cfg_value == "auto":
         return "xy" if has_xy else "json"
     return cfg_value
@@ -48,8 +52,8 @@ def prepare_dataset(source: str, out: str, cfg: Config, overwrite: bool = False)
     start = time.perf_counter()
     data = cfg.data
     files = locate_source(source)
-    mode = resolve_mode(data.filters, files.filters)
-    labels_from = label_source(data.label_source, files)
+    mode = resolve_mode(data.filters, files.filters, source)
+    labels_from = label_source(data.label_source, files, source)
     batch_rows = data.write_batch_rows
     with storage.publish(out, overwrite=overwrite) as staging:
         writer = DatasetWriter(staging)
@@ -61,7 +65,7 @@ def prepare_dataset(source: str, out: str, cfg: Config, overwrite: bool = False)
                     label_uids.append(batch.column("uid"))
             num_labels = writer.splits["label"].rows
             if num_labels == 0:
-                raise ValueError(f"{files.labels}: no labels")
+                raise InputError(files.labels, None, "no labels")
             recip = SelfReciprocalFilter(pa.concat_arrays(label_uids)) if mode == "self_reciprocal" else None
             for split in ("test", "train"):
                 xy = (files.test_xy if split == "test" else files.train_xy) if labels_from == "xy" else None

@@ -47,6 +47,7 @@ from vixml_ray.data import schema
 from vixml_ray.data.filters import normalise_pairs
 from vixml_ray.data.synthetic_images import attribute_name, encode, render
 from vixml_ray.data.writer import DatasetWriter
+from vixml_ray.errors import ConfigError
 
 TOPIC_WORDS = 3  # words owned by each topic
 ITEM_TOPIC_WORDS = 2  # of them, named per topic in an item text
@@ -107,8 +108,8 @@ class Identity:
 
     def __init__(self, syn: SyntheticConfig):
         if syn.labels_per_item > syn.num_topics:
-            raise ValueError(f"data.synthetic.labels_per_item ({syn.labels_per_item}) must not exceed "
-                             f"data.synthetic.num_topics ({syn.num_topics})")
+            raise ConfigError(f"invalid value for 'data.synthetic.labels_per_item': {syn.labels_per_item} exceeds "
+                              f"'data.synthetic.num_topics' ({syn.num_topics})")
         self.syn = syn
         self.num_labels = syn.num_topics * syn.num_attributes
         self.vocab = vocabulary(TOPIC_WORDS * syn.num_topics + NOISE_POOL)

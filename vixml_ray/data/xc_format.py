@@ -11,7 +11,8 @@ and the label count must agree); ``auto`` uses the X_Y files when both are prese
 benchmark numbers are computed on — and ``target_ind`` otherwise.
 
 An item's text joins the non-empty ``DataConfig.text_fields`` with ``text_separator`` (an empty ``content`` adds no
-trailing separator). Bad input raises :class:`DataFormatError` naming the file, the line and the key or uid.
+trailing separator). Bad input raises :class:`~vixml_ray.errors.InputError` naming the file, the line and the key or
+uid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pyarrow as pa
 
 from vixml_ray import storage
 from vixml_ray.data.schema import ITEMS_SCHEMA, LABELS_SCHEMA
+from vixml_ray.errors import InputError, MissingPathError
 
 ITEM_FILES = {"train": "trn", "test": "tst"}
 LABEL_FILE = "lbl"
@@ -33,10 +35,6 @@ XY_FILES = {"train": "trn_X_Y.txt", "test": "tst_X_Y.txt"}
 FILTER_FILE = "filter_labels_test.txt"
 _READ_BUFFER = 1 << 20
 _decode_json = json.JSONDecoder().raw_decode
-
-
-class DataFormatError(ValueError):
-    """Raw input is malformed; the message names the file and line (and key or uid)."""
 
 
 @dataclass(frozen=True)
@@ -52,21 +50,22 @@ class SourceFiles:
 
 
 def locate_source(source: str) -> SourceFiles:
-    """Finds the raw files of ``source``; a missing required file raises FileNotFoundError naming it."""
+    """Finds the raw files of ``source``; a missing required file raises MissingPathError naming it."""
 
     def json_file(stem: str) -> str:
         for name in (f"{stem}.json.gz", f"{stem}.json"):
             uri = storage.join(source, name)
             if storage.exists(uri):
                 return uri
-        raise FileNotFoundError(f"{source}: missing {stem}.json.gz (or {stem}.json)")
+        raise MissingPathError(storage.join(source, f"{stem}.json.gz"),
+                               f"{source}: missing {stem}.json.gz (or {stem}.json)")
 
     def optional(name: str) -> Optional[str]:
         uri = storage.join(source, name)
         return uri if storage.exists(uri) else None
 
     if not storage.exists(source):
-        raise FileNotFoundError(f"source folder not found: {source}")
+        raise MissingPathError(source, f"source folder not found: {source}")
     return SourceFiles(
         train=json_file(ITEM_FILES["train"]),
         test=json_file(ITEM_FILES["test"]),
@@ -90,9 +89,9 @@ def _parse(line: bytes, uri: str, lineno: int) -> dict:
         if end != len(text):
             raise json.JSONDecodeError("Extra data", text, end)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{uri}:{lineno}: malformed JSON line: {err}") from None
+        raise InputError(uri, lineno, f"malformed JSON line: {err}") from None
     if not isinstance(obj, dict):
-        raise DataFormatError(f"{uri}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        raise InputError(uri, lineno, f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -103,11 +102,11 @@ def _field(obj: dict, key: str, uri: str, lineno: int, required: bool = True) ->
         return value
     if value is None:
         if required:
-            raise DataFormatError(f"{uri}:{lineno}: missing key '{key}'")
+            raise InputError(uri, lineno, f"missing key '{key}'")
         return ""
     if key == "uid" and type(value) is int:
         return str(value)
-    raise DataFormatError(f"{uri}:{lineno}: key '{key}' must be a string, got {type(value).__name__}")
+    raise InputError(uri, lineno, f"key '{key}' must be a string, got {type(value).__name__}")
 
 
 def _text(obj: dict, fields: Sequence[str], separator: str, uri: str, lineno: int, content_required: bool) -> str:
@@ -121,15 +120,13 @@ def _targets(obj: dict, uri: str, lineno: int) -> tuple[list, list]:
     """``target_ind`` and ``target_rel`` (ones when absent) of one item; element types are checked per batch."""
     ind = obj.get("target_ind")
     if type(ind) is not list:
-        raise DataFormatError(f"{uri}:{lineno}: key 'target_ind' must be a list of integers (uid {obj.get('uid')!r})")
+        raise InputError(uri, lineno, f"key 'target_ind' must be a list of integers (uid {obj.get('uid')!r})")
     rel = obj.get("target_rel")
     if rel is None:
         return ind, [1.0] * len(ind)
     if type(rel) is not list or len(rel) != len(ind):
-        raise DataFormatError(
-            f"{uri}:{lineno}: key 'target_rel' must be a list of {len(ind)} numbers like 'target_ind' "
-            f"(uid {obj.get('uid')!r})"
-        )
+        raise InputError(uri, lineno, f"key 'target_rel' must be a list of {len(ind)} numbers like 'target_ind' "
+                                      f"(uid {obj.get('uid')!r})")
     return ind, rel
 
 
@@ -144,7 +141,7 @@ class XYReader:
             self.rows, self.cols = int(header[0]), int(header[1])
         except (IndexError, ValueError):
             self._file.close()
-            raise DataFormatError(f"{uri}:1: header must be 'rows cols', got {b' '.join(header).decode()!r}") from None
+            raise InputError(uri, 1, f"header must be 'rows cols', got {b' '.join(header).decode()!r}") from None
         self.lineno = 1
 
     def next_row(self) -> Optional[tuple[list[int], list[float]]]:
@@ -160,7 +157,7 @@ class XYReader:
                 ind.append(int(j))
                 rel.append(float(v) if sep else 1.0)
             except ValueError:
-                raise DataFormatError(f"{self.uri}:{self.lineno}: bad 'label:value' pair {token.decode()!r}") from None
+                raise InputError(self.uri, self.lineno, f"bad 'label:value' pair {token.decode()!r}") from None
         return ind, rel
 
     def close(self) -> None:
@@ -186,16 +183,16 @@ def _check_values(flat_ind: list, flat_rel: list, offsets: list[int], uids: list
     if ind is None or (ind.size and ind.dtype.kind != "i"):
         row = _row_of(next(i for i, j in enumerate(flat_ind) if type(j) is not int or not -2**63 <= j < 2**63),
                       offsets)
-        raise DataFormatError(f"{uri}:{linenos[row]}: key 'target_ind' must be a list of integers (uid {uids[row]!r})")
+        raise InputError(uri, linenos[row], f"key 'target_ind' must be a list of integers (uid {uids[row]!r})")
     bad = np.flatnonzero((ind < 0) | (ind >= num_labels))
     if bad.size:
         row = _row_of(int(bad[0]), offsets)
-        raise DataFormatError(f"{uri}:{linenos[row]}: uid {uids[row]!r} has label index {int(ind[bad[0]])} outside "
-                              f"[0, {num_labels}) ({num_labels} labels)")
+        raise InputError(uri, linenos[row], f"uid {uids[row]!r} has label index {int(ind[bad[0]])} outside "
+                                            f"[0, {num_labels}) ({num_labels} labels)")
     rel = _as_array(flat_rel)
     if rel is None or (rel.size and rel.dtype.kind not in "if"):
         row = _row_of(next(i for i, v in enumerate(flat_rel) if type(v) not in (int, float)), offsets)
-        raise DataFormatError(f"{uri}:{linenos[row]}: key 'target_rel' must be a list of numbers (uid {uids[row]!r})")
+        raise InputError(uri, linenos[row], f"key 'target_rel' must be a list of numbers (uid {uids[row]!r})")
     return ind.astype(np.int64, copy=False), rel.astype(np.float32)
 
 
@@ -216,7 +213,7 @@ def iter_item_batches(
     label_uri = xy_uri or uri
     if xy is not None and xy.cols != num_labels:
         xy.close()
-        raise DataFormatError(f"{xy_uri}:1: header says {xy.cols} labels, the label file has {num_labels}")
+        raise InputError(xy_uri, 1, f"header says {xy.cols} labels, the label file has {num_labels}")
     row = 0
     try:
         with open_lines(uri) as lines:
@@ -238,8 +235,8 @@ def iter_item_batches(
                 else:
                     pair = xy.next_row()
                     if pair is None:
-                        raise DataFormatError(f"{xy_uri}: has {xy.rows} rows but {uri}:{lineno} (uid {uid!r}) "
-                                              f"is item {row + 1}")
+                        raise InputError(xy_uri, None, f"has {xy.rows} rows but {uri}:{lineno} (uid {uid!r}) "
+                                                       f"is item {row + 1}")
                     ind, rel = pair
                     linenos.append(xy.lineno)
                 uids.append(uid)
@@ -255,7 +252,7 @@ def iter_item_batches(
                 yield _items_batch(row - len(uids), uids, texts, flat_ind, flat_rel, offsets, linenos, num_labels,
                                    label_uri)
         if xy is not None and (xy.rows != row or xy.next_row() is not None):
-            raise DataFormatError(f"{xy_uri}: has {xy.rows} rows (header) but {uri} has {row} items")
+            raise InputError(xy_uri, None, f"has {xy.rows} rows (header) but {uri} has {row} items")
     finally:
         if xy is not None:
             xy.close()
@@ -319,10 +316,9 @@ def read_filter_file(uri: str, num_test: int, num_labels: int) -> np.ndarray:
                     raise ValueError
                 r, c = int(parts[0]), int(parts[1])
             except ValueError:
-                raise DataFormatError(f"{uri}:{lineno}: expected 'test_row label', got {line.strip().decode()!r}") \
+                raise InputError(uri, lineno, f"expected 'test_row label', got {line.strip().decode()!r}") \
                     from None
             if not (0 <= r < num_test and 0 <= c < num_labels):
-                raise DataFormatError(f"{uri}:{lineno}: pair ({r}, {c}) outside {num_test} test rows x "
-                                      f"{num_labels} labels")
+                raise InputError(uri, lineno, f"pair ({r}, {c}) outside {num_test} test rows x {num_labels} labels")
             pairs.append((r, c))
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)

@@ -34,8 +34,9 @@ import ray
 import scipy.sparse as sp
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, save_config
+from vixml_ray.config import Config, save_config
 from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError, OutputExistsError
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest
@@ -175,7 +176,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
     if cfg.eval.topk < cfg.eval.k:
         raise ConfigError(f"'eval.topk'={cfg.eval.topk} must be at least 'eval.k'={cfg.eval.k}")
     if storage.exists(out_uri) and not overwrite:
-        raise FileExistsError(f"output already exists: {out_uri} (remove it or pass --overwrite)")
+        raise OutputExistsError(out_uri)
     init_ray_for(cfg)
     dataset = open_dataset(absolute_uri(dataset_uri))
     features = feature_cache(cfg, export, dataset)
@@ -183,8 +184,9 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         manifest = read_manifest(index_uri)
         check_embedded_by(manifest, export, index_uri)
         if manifest.num_labels != dataset.num_labels:
-            raise ValueError(f"index version {manifest.version} of {index_uri} holds {manifest.num_labels} labels, "
-                             f"the dataset {dataset.uri} has {dataset.num_labels}")
+            raise IncompatibleArtifactError(f"index version {manifest.version} of {index_uri} holds "
+                                            f"{manifest.num_labels} labels, the dataset {dataset.uri} has "
+                                            f"{dataset.num_labels}")
         parts = served_parts(cfg.infer.raa, manifest, index_uri)
         train_labels = train_label_matrix(index_uri, manifest) if QUERIES in parts else None
         t0 = time.perf_counter()

@@ -19,8 +19,9 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from vixml_ray.config import ConfigError, RetrievalAugmentationConfig
+from vixml_ray.config import RetrievalAugmentationConfig
 from vixml_ray.data.filters import filter_predictions
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index.sharded import IndexView, SearchResult, ShardedIndex, exclusion_pairs
 from vixml_ray.index.versions import LABELS, QUERIES, Manifest
 
@@ -33,9 +34,9 @@ def served_parts(raa: RetrievalAugmentationConfig, manifest: Manifest, index_dir
     if not raa.enabled:
         return (LABELS,)
     if not manifest.has_part(QUERIES):
-        raise ConfigError(f"'infer.raa.enabled' is true but index version {manifest.version} of {index_dir} holds no "
-                          "training-query embeddings; refresh the index with infer.raa.enabled=true (or set "
-                          "infer.raa.enabled=false)")
+        raise IncompatibleArtifactError(f"'infer.raa.enabled' is true but index version {manifest.version} of "
+                                        f"{index_dir} holds no training-query embeddings; refresh the index with "
+                                        "infer.raa.enabled=true (or set infer.raa.enabled=false)")
     return (LABELS, QUERIES)
 
 

@@ -38,6 +38,7 @@ import ray
 from vixml_ray import storage
 from vixml_ray.config import Config, save_config
 from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.errors import IncompatibleArtifactError, InputError
 from vixml_ray.index.tables import (
     LABELS_FILE,
     QUERIES_FILE,
@@ -89,10 +90,10 @@ def content_hashes(cfg: Config, dataset: Dataset, split: str, features: FeatureC
                   for t, i in zip(batch.column("text").to_pylist(), images)]
         parts.append(pa.Table.from_batches([batch]).append_column("content_hash", pa.array(hashes, pa.string())))
     if not parts:
-        raise ValueError(f"{dataset.file_uri(split)}: no rows to embed")
+        raise InputError(dataset.file_uri(split), None, "no rows to embed")
     table = pa.concat_tables(parts).combine_chunks()
     if not np.array_equal(table.column("row").to_numpy(), np.arange(dataset.num_rows(split))):
-        raise ValueError(f"{dataset.file_uri(split)}: rows must be 0..{dataset.num_rows(split) - 1} in order")
+        raise InputError(dataset.file_uri(split), None, f"rows must be 0..{dataset.num_rows(split) - 1} in order")
     return table
 
 
@@ -120,8 +121,8 @@ def _unique_uids(uids: pa.ChunkedArray | pa.Array, where: str) -> None:
     counts = pc.value_counts(uids)
     dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(dup):
-        raise ValueError(f"{where}: incremental refresh matches labels by uid, but uids repeat: "
-                         f"{dup.to_pylist()[:5]}")
+        raise InputError(where, None, f"incremental refresh matches labels by uid, but uids repeat: "
+                                      f"{dup.to_pylist()[:5]}")
 
 
 def _base(index_dir: str, export: Export, part: str) -> tuple[Manifest | None, str]:

@@ -26,6 +26,7 @@ import ray
 
 from vixml_ray.config import IndexConfig
 from vixml_ray.data.filters import filter_predictions
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index.merge import merge_topk
 from vixml_ray.index.shard import IndexShard
 from vixml_ray.index.versions import LABELS, PARTS, Manifest, read_manifest
@@ -155,9 +156,9 @@ class ShardedIndex:
         manifest = read_manifest(self.index_dir, version)
         missing = [p for p in self.parts if not manifest.has_part(p)]
         if missing:
-            raise FileNotFoundError(f"index version {manifest.version} of {self.index_dir} holds no {missing} part "
-                                    "(training-query embeddings are written by refresh_labels with "
-                                    "'infer.raa.enabled'=true)")
+            raise IncompatibleArtifactError(f"index version {manifest.version} of {self.index_dir} holds no {missing} "
+                                            "part (training-query embeddings are written by refresh_labels with "
+                                            "'infer.raa.enabled'=true)")
         bounds = {p: shard_bounds(manifest.num_rows(p), self.cfg.num_shards) for p in self.parts}
         remote = _RemoteShard.options(
             num_cpus=self.cfg.cpus_per_shard,

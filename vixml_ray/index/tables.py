@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from vixml_ray import storage
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index.schema import INDEX_LABELS_SCHEMA, INDEX_QUERIES_SCHEMA
 from vixml_ray.index.versions import Manifest, version_dir
 
@@ -30,8 +31,8 @@ def _read(index_dir: str, version: str, name: str, columns: list[str] | None) ->
     uri = storage.join(version_dir(index_dir, version), name)
     if not storage.exists(uri):
         hint = " with 'infer.raa.enabled'=true" if name == QUERIES_FILE else ""
-        raise FileNotFoundError(f"index version {version} of {index_dir} has no {name} (not written by "
-                                f"refresh_labels{hint})")
+        raise IncompatibleArtifactError(f"index version {version} of {index_dir} has no {name} (not written by "
+                                        f"refresh_labels{hint})")
     fs, path = storage.filesystem(uri)
     return pq.read_table(path, filesystem=fs, columns=columns)
 
@@ -51,14 +52,14 @@ def train_label_matrix(index_dir: str, manifest: Manifest) -> sp.csr_matrix:
     lists = read_queries(index_dir, manifest.version, ["labels"]).column("labels").combine_chunks()
     num_queries = manifest.num_rows("queries")
     if len(lists) != num_queries:
-        raise ValueError(f"index version {manifest.version} of {index_dir}: {QUERIES_FILE} has {len(lists)} rows, "
-                         f"the manifest {num_queries} training queries")
+        raise IncompatibleArtifactError(f"index version {manifest.version} of {index_dir}: {QUERIES_FILE} has "
+                                        f"{len(lists)} rows, the manifest {num_queries} training queries")
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     indices = pc.list_flatten(lists).to_numpy().astype(np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= manifest.num_labels):
-        raise ValueError(f"index version {manifest.version} of {index_dir}: {QUERIES_FILE} names labels outside "
-                         f"0..{manifest.num_labels - 1}")
+        raise IncompatibleArtifactError(f"index version {manifest.version} of {index_dir}: {QUERIES_FILE} names "
+                                        f"labels outside 0..{manifest.num_labels - 1}")
     matrix = sp.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(num_queries, manifest.num_labels))
     matrix.sum_duplicates()
     matrix.data[:] = 1.0  # a label listed twice still votes once

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from vixml_ray import storage
 from vixml_ray.data.schema import SCHEMA_VERSION
+from vixml_ray.errors import IncompatibleArtifactError, MissingPathError
 from vixml_ray.index.schema import label_embedding_schema, query_embedding_schema
 
 if TYPE_CHECKING:
@@ -109,8 +110,8 @@ class Manifest:
 
     def _queries(self) -> QueryPart:
         if self.queries is None:
-            raise FileNotFoundError(f"index version {self.version} holds no training-query embeddings (refreshed "
-                                    "without 'infer.raa.enabled')")
+            raise IncompatibleArtifactError(f"index version {self.version} holds no training-query embeddings "
+                                            "(refreshed without 'infer.raa.enabled')")
         return self.queries
 
 
@@ -168,10 +169,11 @@ def read_manifest(index_dir: str, version: str | None = None) -> Manifest:
     """The manifest of ``version`` (default: the current one)."""
     version = version or current_version(index_dir)
     if version is None:
-        raise FileNotFoundError(f"{index_dir}: no committed index version (no {storage.CURRENT} pointer)")
+        raise MissingPathError(storage.join(index_dir, storage.CURRENT),
+                               f"{index_dir}: no committed index version (no {storage.CURRENT} pointer)")
     uri = storage.join(version_dir(index_dir, version), MANIFEST)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"index version {version} of {index_dir} is not committed (no {MANIFEST})")
+        raise MissingPathError(uri, f"index version {version} of {index_dir} is not committed (no {MANIFEST})")
     return Manifest.from_json(storage.read_json(uri))
 
 
@@ -324,6 +326,6 @@ def check_embedded_by(manifest: Manifest, export: Export, index_dir: str) -> Non
     """Raises unless the version's labels were embedded by ``export`` (queries and labels share one space)."""
     made_by = manifest.identity.get("export") or {}
     if made_by.get("fingerprint") != export.fingerprint:
-        raise ValueError(f"index version {manifest.version} of {index_dir} was embedded by the export "
-                         f"{made_by.get('uri')!r}, not by {export.uri} (fingerprints differ); refresh the index "
-                         "with jobs/refresh_labels.py --checkpoint for this export")
+        raise IncompatibleArtifactError(f"index version {manifest.version} of {index_dir} was embedded by the "
+                                        f"export {made_by.get('uri')!r}, not by {export.uri} (fingerprints differ); "
+                                        "refresh the index with jobs/refresh_labels.py --checkpoint for this export")

@@ -13,8 +13,9 @@ import ray
 import torch
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, InferConfig
+from vixml_ray.config import Config, InferConfig
 from vixml_ray.data.dataset import Dataset
+from vixml_ray.errors import ConfigError
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, load_config
+from vixml_ray.config import Config, load_config
 from vixml_ray.data.dataset import Dataset
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.model.embedder import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE
 
 # vision settings that change the image features a model was trained on (runtime knobs may differ)
@@ -57,9 +58,10 @@ class Export:
         if catalogue is None:
             return
         if dataset.num_labels != self.meta.get("num_labels") or dataset.label_catalogue() != catalogue:
-            raise ValueError(f"the export {self.uri} has label prototypes for {self.meta.get('num_labels')} labels "
-                             f"of another label set than {dataset.file_uri('label')} ({dataset.num_labels} labels); "
-                             "use the dataset it was trained on, or retrain")
+            raise IncompatibleArtifactError(f"the export {self.uri} has label prototypes for "
+                                            f"{self.meta.get('num_labels')} labels of another label set than "
+                                            f"{dataset.file_uri('label')} ({dataset.num_labels} labels); use the "
+                                            "dataset it was trained on, or retrain")
 
     def identity(self) -> dict[str, Any]:
         """What an index version records about the model that embedded its labels."""
@@ -98,7 +100,7 @@ def read_export(uri: str) -> Export:
     root = storage.resolve(absolute_uri(str(uri)))
     missing = [n for n in (CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE) if not storage.exists(storage.join(root, n))]
     if missing:
-        raise FileNotFoundError(f"{uri}: not an inference export (missing {', '.join(missing)})")
+        raise MissingPathError(uri, f"{uri}: not an inference export (missing {', '.join(missing)})")
     meta = storage.read_json(storage.join(root, EXPORT_FILE))
     return Export(root, _load_config_file(storage.join(root, CONFIG_FILE)), meta, export_fingerprint(root))
 
@@ -118,7 +120,7 @@ def job_config(export_uri: str, config_path: str | None = None, overrides: Seque
     """
     export_file = storage.join(storage.resolve(absolute_uri(export_uri)), CONFIG_FILE)
     if not storage.exists(export_file):
-        raise FileNotFoundError(f"{export_uri}: not an inference export (no {CONFIG_FILE})")
+        raise MissingPathError(export_uri, f"{export_uri}: not an inference export (no {CONFIG_FILE})")
     trained = _load_config_file(export_file)
     cfg = load_config(config_path, overrides) if config_path else _load_config_file(export_file, overrides)
     diffs = (_differences("model", cfg.model, trained.model) + _differences("prompt", cfg.prompt, trained.prompt)
@@ -146,8 +148,8 @@ def check_feature_model(recorded: dict[str, Any], cfg: Config, where: str) -> No
     wrong = [f"{k}: {recorded.get(k)!r} vs {getattr(cfg.vision, k)!r}" for k in FEATURE_MODEL_KEYS
              if recorded.get(k) != getattr(cfg.vision, k)]
     if wrong:
-        raise ConfigError(f"{where}: image features were made by another vision model than the export's "
-                          f"'vision' config ({'; '.join(wrong)})")
+        raise IncompatibleArtifactError(f"{where}: image features were made by another vision model than the "
+                                        f"export's 'vision' config ({'; '.join(wrong)})")
 
 
 def feature_cache(cfg: Config, export: Export, dataset: Dataset) -> FeatureCache | None:
@@ -159,11 +161,12 @@ def feature_cache(cfg: Config, export: Export, dataset: Dataset) -> FeatureCache
     slug = feature_slug(cfg.vision)
     caches = dataset.features()
     if slug not in caches:
-        raise ConfigError(f"{dataset.uri}: no image feature cache '{slug}' for the export's vision config (caches: "
-                          f"{sorted(caches)}); run jobs/embed_images.py with the training config first")
+        raise IncompatibleArtifactError(f"{dataset.uri}: no image feature cache '{slug}' for the export's vision "
+                                        f"config (caches: {sorted(caches)}); run jobs/embed_images.py with the "
+                                        "training config first")
     info = caches[slug]
     if int(info["dim"]) != export.image_dim:
-        raise ConfigError(f"{dataset.uri}: feature cache '{slug}' has dim {info['dim']}, the export's image "
-                          f"projection expects {export.image_dim}")
+        raise IncompatibleArtifactError(f"{dataset.uri}: feature cache '{slug}' has dim {info['dim']}, the "
+                                        f"export's image projection expects {export.image_dim}")
     check_feature_model(info.get("model", {}), cfg, f"{dataset.uri} feature cache '{slug}'")
     return FeatureCache(slug, dict(info))

@@ -22,7 +22,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from vixml_ray.config import ConfigError, LoraConfig, ModelConfig
+from vixml_ray.config import LoraConfig, ModelConfig
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import tiny
 
 PACKAGED = {"packaged:all-MiniLM-L6-v2"}

@@ -27,7 +27,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, load_config, to_yaml
+from vixml_ray.config import Config, load_config, to_yaml
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
 from vixml_ray.model.prototypes import LabelPrototypes
@@ -189,13 +190,14 @@ def load_export(directory: str) -> Embedder:
     root = storage.resolve(str(directory))
     meta_uri = storage.join(root, EXPORT_FILE)
     if not storage.exists(meta_uri):
-        raise FileNotFoundError(f"{directory}: not an embedder export (no {EXPORT_FILE})")
+        raise MissingPathError(meta_uri, f"{directory}: not an embedder export (no {EXPORT_FILE})")
     meta = storage.read_json(meta_uri)
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_uri}: unsupported export format {meta.get('format')} (expected {EXPORT_FORMAT})")
+        raise IncompatibleArtifactError(f"{meta_uri}: unsupported export format {meta.get('format')} "
+                                        f"(expected {EXPORT_FORMAT})")
     cfg = _load_config_uri(storage.join(root, CONFIG_FILE))
     if cfg.model.prototypes.enabled and not meta.get("num_labels"):
-        raise ValueError(f"{meta_uri}: the model has label prototypes but no 'num_labels'")
+        raise IncompatibleArtifactError(f"{meta_uri}: the model has label prototypes but no 'num_labels'")
     embedder = build_embedder(cfg, meta["image_dim"], meta.get("num_labels"))
     embedder.label_catalogue = meta.get("label_catalogue")
     fs, path = storage.filesystem(storage.join(root, WEIGHTS_FILE))

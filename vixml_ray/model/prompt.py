@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vixml_ray.config import ConfigError, PromptConfig
+from vixml_ray.config import PromptConfig
+from vixml_ray.errors import ConfigError
 
 TEXT, IMAGE = "E", "V"
 CONST, TEXT_KIND, IMAGE_KIND, PAD_KIND = 0, 1, 2, 3

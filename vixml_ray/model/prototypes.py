@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vixml_ray.config import ConfigError, PrototypeConfig
+from vixml_ray.config import PrototypeConfig
+from vixml_ray.errors import ConfigError
 
 NUM_PARTS = 3  # text embedding, cluster free vector, centroid
 

@@ -37,6 +37,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from vixml_ray.errors import ConfigError
+
 PREFIX = "tiny:"
 TOKENIZER_SUBDIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
@@ -113,7 +115,8 @@ def materialize(name: str, cache_dir: str | Path) -> Path:
     """
     arch = name[len(PREFIX):] if is_tiny(name) else name
     if arch not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model '{name}' (known: {', '.join(PREFIX + a for a in TINY_MODELS)})")
+        raise ConfigError(f"invalid value for 'model.name_or_path': unknown tiny model '{name}' "
+                          f"(known: {', '.join(PREFIX + a for a in TINY_MODELS)})")
     target = Path(cache_dir).expanduser().absolute() / "tiny" / arch
     if target.is_dir():
         return target

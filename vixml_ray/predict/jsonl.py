@@ -35,29 +35,28 @@ import pyarrow.fs as pafs
 from vixml_ray import storage
 from vixml_ray.config import Config
 from vixml_ray.data.schema import MAX_IMAGES
-from vixml_ray.ray_utils import init_ray_for
+from vixml_ray.errors import InputError, OutputExistsError
 from vixml_ray.inference.export import absolute_uri, job_config
 from vixml_ray.predict.predictor import Predictor, Query
+from vixml_ray.ray_utils import init_ray_for
 
 
-class QueryError(ValueError):
-    """A line of the queries file is not a valid query; the message names file, line and key."""
-
-
-def parse_query(line: str, where: str) -> tuple[Any, Query]:
-    """(id, Query) of one JSONL line; raises :class:`QueryError` naming ``where`` (file:line) and the key."""
+def parse_query(line: bytes | str, path: str, lineno: int) -> tuple[Any, Query]:
+    """(id, Query) of one JSONL line; raises :class:`InputError` naming the file, the line and the key."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise QueryError(f"{where}: not JSON: {err.msg} at column {err.colno}") from None
+        raise InputError(path, lineno, f"not JSON: {err.msg} at column {err.colno}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(path, lineno, f"not UTF-8: {err.reason} at byte {err.start}") from None
     if not isinstance(obj, dict):
-        raise QueryError(f"{where}: a query must be a JSON object, got {type(obj).__name__}")
+        raise InputError(path, lineno, f"a query must be a JSON object, got {type(obj).__name__}")
     text = obj.get("text")
     if not isinstance(text, str):
-        raise QueryError(f"{where}: key 'text' must be a string, got {type(text).__name__}")
+        raise InputError(path, lineno, f"key 'text' must be a string, got {type(text).__name__}")
     images = obj.get("images", [])
     if not isinstance(images, list) or len(images) > MAX_IMAGES:
-        raise QueryError(f"{where}: key 'images' must be a list of at most {MAX_IMAGES} images")
+        raise InputError(path, lineno, f"key 'images' must be a list of at most {MAX_IMAGES} images")
     parsed: list[bytes | str] = []
     for slot, image in enumerate(images):
         if isinstance(image, str) and image:
@@ -66,9 +65,9 @@ def parse_query(line: str, where: str) -> tuple[Any, Query]:
             try:
                 parsed.append(base64.b64decode(image["b64"], validate=True))
             except binascii.Error as err:
-                raise QueryError(f"{where}: key 'images[{slot}].b64' is not base64: {err}") from None
+                raise InputError(path, lineno, f"key 'images[{slot}].b64' is not base64: {err}") from None
         else:
-            raise QueryError(f"{where}: key 'images[{slot}]' must be a path/URI/URL string or {{\"b64\": ...}}")
+            raise InputError(path, lineno, f"key 'images[{slot}]' must be a path/URI/URL string or {{\"b64\": ...}}")
     return obj.get("id"), Query(text, tuple(parsed))
 
 
@@ -96,9 +95,9 @@ def atomic_output(uri: str) -> Iterator[IO[str]]:
             os.remove(tmp)
 
 
-def _lines(uri: str) -> Iterator[str]:
+def _lines(uri: str) -> Iterator[bytes]:
     fs, path = storage.filesystem(uri)
-    with fs.open_input_stream(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+    with fs.open_input_stream(path) as raw, io.BufferedReader(raw) as f:  # decoded per line: a bad one is skipped
         yield from f
 
 
@@ -107,7 +106,7 @@ def predict_file(export_uri: str, index_dir: str, queries_uri: str, out_uri: str
     """Predicts the top ``k`` labels of every query line of ``queries_uri`` into ``out_uri``; returns the summary."""
     started = time.perf_counter()
     if storage.exists(out_uri) and not overwrite:
-        raise FileExistsError(f"output already exists: {out_uri} (remove it or pass --overwrite)")
+        raise OutputExistsError(out_uri)
     cfg = cfg or job_config(export_uri)
     init_ray_for(cfg)
     queries_uri = absolute_uri(queries_uri)
@@ -123,8 +122,8 @@ def predict_file(export_uri: str, index_dir: str, queries_uri: str, out_uri: str
             valid: list[tuple[int, Query]] = []
             for n, line in chunk:
                 try:
-                    query_id, query = parse_query(line, f"{queries_uri}:{n}")
-                except QueryError as err:
+                    query_id, query = parse_query(line, queries_uri, n)
+                except InputError as err:
                     records.append({"line": n, "error": str(err)})
                     counts["skipped"] += 1
                     continue

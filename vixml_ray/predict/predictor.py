@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from vixml_ray.config import Config, ConfigError
+from vixml_ray.config import Config
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.versions import check_embedded_by
@@ -70,8 +71,8 @@ class Predictor:
         self.images = (ImageFeaturizer(self.cfg.vision, absolute_uri(base_uri or os.getcwd()))
                        if self.export.uses_images else None)
         if self.images is not None and self.images.dim != self.export.image_dim:
-            raise ConfigError(f"the vision tower gives {self.images.dim}-d features, the export expects "
-                              f"{self.export.image_dim}")
+            raise IncompatibleArtifactError(f"the vision tower gives {self.images.dim}-d features, the export "
+                                            f"expects {self.export.image_dim}")
         self._per_version: dict[tuple[str, str], object] = {}
         self._cache_lock = threading.Lock()
         self.index = ShardedIndex(self.index_dir, self.cfg.index, manifest.version,
@@ -85,8 +86,8 @@ class Predictor:
             where = f"index version {manifest.version} of {self.index_dir}"
             check_feature_model(features.get("model", {}), self.cfg, where)
             if features.get("dtype") != self.cfg.vision.cache_dtype:
-                raise ConfigError(f"{where}: label image features in {features.get('dtype')}, the export's "
-                                  f"'vision.cache_dtype' is {self.cfg.vision.cache_dtype}")
+                raise IncompatibleArtifactError(f"{where}: label image features in {features.get('dtype')}, the "
+                                                f"export's 'vision.cache_dtype' is {self.cfg.vision.cache_dtype}")
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def swap(self, version: str | None = None) -> str:

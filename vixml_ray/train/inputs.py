@@ -12,8 +12,9 @@ import numpy as np
 import scipy.sparse as sp
 from transformers import PreTrainedTokenizerBase
 
-from vixml_ray.config import Config, ConfigError
+from vixml_ray.config import Config
 from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError
 from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model.tokens import TokenArrays, load_tokens, save_tokens, tokenize
 from vixml_ray.train import dist
@@ -94,10 +95,10 @@ def open_images(cfg: Config, dataset: Dataset) -> FeatureBank | None:
     if not (cfg.model.use_images and cfg.model.num_images > 0):
         return None
     if not dataset.features():
-        raise ConfigError(f"'model.use_images' is true but {dataset.uri} has no image features "
-                          "(run jobs/embed_images.py first)")
+        raise IncompatibleArtifactError(f"'model.use_images' is true but {dataset.uri} has no image features "
+                                        "(run jobs/embed_images.py first)")
     try:
         return FeatureBank.open(dataset.uri)
     except (FileNotFoundError, KeyError, ValueError) as err:
-        raise ConfigError(f"'model.use_images' is true but {dataset.uri} has no image features "
-                          f"(run jobs/embed_images.py first): {err}") from err
+        raise IncompatibleArtifactError(f"'model.use_images' is true but {dataset.uri} has no image features "
+                                        f"(run jobs/embed_images.py first): {err}") from err

@@ -17,12 +17,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from vixml_ray.config import Config, ConfigError
+from vixml_ray.config import Config
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
@@ -30,8 +32,8 @@ from vixml_ray.train.clustering import balanced_clusters
 from vixml_ray.train.engine import Engine, TorchEngine
 from vixml_ray.train.inputs import TrainInputs, load_inputs
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
-from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.positives import PositiveSampler
+from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import make_step_batch, train_step
@@ -57,6 +59,32 @@ class LoopState:
     train_s: float = 0.0  # seconds spent in run() so far, over every (resumed) process: the max_minutes budget
     first_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EpochProgress:
+    """Rank 0's progress line within an epoch, at most every ``every_s`` seconds (``train.progress_every_s``):
+    epoch, batch/batches, mean loss since the previous line, samples/s and the time left in the epoch."""
+
+    epoch: int
+    batches: int
+    first: int  # the batch this process starts the epoch at (a resumed run starts mid-epoch)
+    every_s: float
+    started: float = field(default_factory=time.perf_counter)
+    shown_at: float = field(default_factory=time.perf_counter)
+    shown: int = 0  # losses already summarised
+
+    def after(self, index: int, losses: list[float], queries: int) -> None:
+        """Called after batch ``index``; ``losses`` and ``queries`` count this process's batches of the epoch."""
+        now = time.perf_counter()
+        if self.every_s <= 0 or now - self.shown_at < self.every_s or dist.rank() != 0:
+            return
+        elapsed, done = now - self.started, index + 1 - self.first
+        left = elapsed / done * (self.batches - index - 1)
+        log.info("epoch %d batch %d/%d loss %.4f %.1f samples/s, %s left in the epoch", self.epoch, index + 1,
+                 self.batches, float(np.mean(losses[self.shown:])), queries / elapsed,
+                 timedelta(seconds=round(left)))
+        self.shown_at, self.shown = now, len(losses)
 
 
 @dataclass
@@ -88,6 +116,7 @@ class Trainer:
             batches = self.sampler.epoch_batches(epoch)
             sampled = self.positives.sample(epoch)
             losses, queries, grad_norm, start = [], 0, 0.0, time.perf_counter()
+            progress = EpochProgress(epoch, len(batches), self.state.batch, train.progress_every_s)
             for index in range(self.state.batch, len(batches)):
                 batch = make_step_batch(batches[index], sampled, self.inputs.train_labels,
                                         self.inputs.tokens["train"], self.inputs.tokens["label"],
@@ -101,6 +130,7 @@ class Trainer:
                 self.state.batch = index + 1
                 if self.state.first_loss is None:
                     self.state.first_loss = loss
+                progress.after(index, losses, queries)
                 if self._reached_limit():
                     stop = True
                     break

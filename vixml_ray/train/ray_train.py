@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, save_config
+from vixml_ray.config import Config, save_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.train import dist
 from vixml_ray.train.engine import Engine, TorchEngine
 from vixml_ray.train.loop import train_loop

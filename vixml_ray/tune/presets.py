@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from vixml_ray.config import ConfigError
+from vixml_ray.errors import ConfigError
 
 #: The prompt ablation of ViXML (decoders): text only (E; T1+E; T1+E+EOS), images before or after the text, with and
 #: without the connecting strings; the last one is the paper's choice.

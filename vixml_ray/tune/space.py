@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vixml_ray.config import Config, ConfigError, replace
+from vixml_ray.config import Config, replace
+from vixml_ray.errors import ConfigError
 from vixml_ray.tune.presets import preset
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "same_as")

@@ -21,7 +21,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from vixml_ray import storage
-from vixml_ray.config import Config, ConfigError, save_config, to_yaml
+from vixml_ray.config import Config, save_config, to_yaml
+from vixml_ray.errors import ConfigError
 from vixml_ray.pipeline import ensure_dataset
 from vixml_ray.ray_utils import init_ray_for
 from vixml_ray.train.ray_train import prepare_shared

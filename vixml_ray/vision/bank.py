@@ -21,6 +21,7 @@ import torch
 from vixml_ray import storage
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import open_dataset
+from vixml_ray.errors import IncompatibleArtifactError, MissingPathError
 from vixml_ray.vision import cache
 
 
@@ -37,11 +38,12 @@ class FeatureBank:
         for split in schema.SPLITS:
             index_path = os.path.join(bank_dir, f"{split}_index.npy")
             if not os.path.exists(index_path):
-                raise FileNotFoundError(f"feature bank {bank_dir} lacks {split}_index.npy")
+                raise MissingPathError(index_path, f"feature bank {bank_dir} lacks {split}_index.npy")
             self._index[split] = np.load(index_path, mmap_mode="r")
             self._emb[split] = np.load(os.path.join(bank_dir, f"{split}_emb.npy"), mmap_mode="r")
             if self._emb[split].shape[1:] != (self.dim,):
-                raise ValueError(f"{bank_dir}/{split}_emb.npy: shape {self._emb[split].shape}, expected [n, {dim}]")
+                raise IncompatibleArtifactError(f"{bank_dir}/{split}_emb.npy: shape {self._emb[split].shape}, "
+                                                f"expected [n, {dim}]")
 
     @classmethod
     def open(cls, dataset_uri: str, model_slug: Optional[str] = None, local_dir: Optional[str] = None) -> "FeatureBank":
@@ -54,8 +56,8 @@ class FeatureBank:
                 raise ValueError(f"{ds.uri}: {len(caches)} feature caches {sorted(caches)}; name one (model_slug)")
             model_slug = next(iter(caches))
         if model_slug not in caches:
-            raise KeyError(f"{ds.uri}: no feature cache {model_slug!r} (caches: {sorted(caches)}); run "
-                           "jobs/embed_images.py first")
+            raise IncompatibleArtifactError(f"{ds.uri}: no feature cache {model_slug!r} (caches: {sorted(caches)}); "
+                                            "run jobs/embed_images.py first")
         info = caches[model_slug]
         bank_uri = storage.resolve(storage.join(ds.uri, info["path"], cache.BANK_DIR))
         return cls(_local_copy(bank_uri, local_dir), model_slug, int(info["dim"]), str(info["dtype"]))

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from vixml_ray.config import VisionConfig
+from vixml_ray.errors import ConfigError
 
 VISION_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 
@@ -42,14 +43,14 @@ def vision_config(v: VisionConfig) -> Any:
         kwargs = dict(v.model_config)
         model_type = kwargs.pop("model_type", "siglip_vision_model")
         if model_type not in VISION_TYPES:
-            raise ValueError(f"vision.model_config.model_type must be one of {VISION_TYPES}, got {model_type!r}")
+            raise ConfigError(f"vision.model_config.model_type must be one of {VISION_TYPES}, got {model_type!r}")
         return (SiglipVisionConfig if model_type == "siglip_vision_model" else Siglip2VisionConfig)(**kwargs)
     source = v.weights or v.model_name
     config = AutoConfig.from_pretrained(source)
     config = getattr(config, "vision_config", config)  # a full SigLIP config -> its vision part
     if config.model_type not in VISION_TYPES:
-        raise ValueError(f"{source}: the hf_siglip backend needs a SigLIP/SigLIP2 vision model, got "
-                         f"model_type {config.model_type!r}")
+        raise ConfigError(f"{source}: the hf_siglip backend needs a SigLIP/SigLIP2 vision model, got "
+                          f"model_type {config.model_type!r}")
     return config
 
 
@@ -85,7 +86,7 @@ def preprocessor(v: VisionConfig) -> HFPreprocessor:
     config = vision_config(v)
     naflex = config.model_type == "siglip2_vision_model"
     if naflex and v.image_size is not None:
-        raise ValueError("vision.image_size does not apply to a SigLIP2 NaFlex tower (it takes a patch budget)")
+        raise ConfigError("vision.image_size does not apply to a SigLIP2 NaFlex tower (it takes a patch budget)")
     size = v.image_size or getattr(config, "image_size", None)
     if v.weights is None and v.model_config is not None:
         processor = (Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
@@ -100,7 +101,7 @@ def load_vision_model(v: VisionConfig) -> tuple[torch.nn.Module, int]:
     """The vision tower with its pooling head (CPU, fp32, eval mode) and its output dimension."""
     config = vision_config(v)
     if getattr(config, "vision_use_head", True) is False:
-        raise ValueError(f"{v.weights or v.model_name}: vision_use_head=False, the tower has no pooling head")
+        raise ConfigError(f"{v.weights or v.model_name}: vision_use_head=False, the tower has no pooling head")
     cls = _model_class(config)
     if v.weights is None:
         model = cls(config)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from vixml_ray.config import VisionConfig
+from vixml_ray.errors import ConfigError
 
 STUB_TEXT = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
 _REGISTERED: dict[str, str] = {}  # custom architectures registered in this process: name -> config JSON
@@ -34,11 +35,11 @@ def _register(v: VisionConfig) -> None:
     if _REGISTERED.get(v.model_name) == text:
         return
     if v.model_name not in _REGISTERED and v.model_name in open_clip.list_models():
-        raise ValueError(f"vision.model_config: '{v.model_name}' is a built-in open_clip model; give the custom "
-                         "architecture a new vision.model_name")
+        raise ConfigError(f"vision.model_config: '{v.model_name}' is a built-in open_clip model; give the custom "
+                          "architecture a new vision.model_name")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in v.model_config]
     if missing:
-        raise ValueError(f"vision.model_config for open_clip lacks {missing} (open_clip's model-config format)")
+        raise ConfigError(f"vision.model_config for open_clip lacks {missing} (open_clip's model-config format)")
     path = os.path.join(tempfile.mkdtemp(prefix="vixml-open_clip-"), f"{v.model_name}.json")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -29,6 +29,7 @@ from vixml_ray import storage
 from vixml_ray.config import Config, save_config
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.errors import InputError
 from vixml_ray.ray_utils import init_ray_for
 from vixml_ray.vision import cache
 from vixml_ray.vision.fetch import FetchOptions
@@ -44,15 +45,15 @@ def check_manifest_rows(table: pa.Table, num_rows: dict[str, int], where: str) -
     """Rejects image manifest rows that name an unknown split, a row outside its split or a bad slot."""
     for split in pc.unique(table.column("split")).to_pylist():
         if split not in num_rows:
-            raise ValueError(f"{where}: unknown split {split!r} (splits: {', '.join(num_rows)})")
+            raise InputError(where, None, f"unknown split {split!r} (splits: {', '.join(num_rows)})")
         rows = pc.filter(table.column("row"), pc.equal(table.column("split"), split))
         low, high = pc.min_max(rows).as_py().values()
         if low < 0 or high >= num_rows[split]:
             bad = low if low < 0 else high
-            raise ValueError(f"{where}: {split} row {bad} outside 0..{num_rows[split] - 1}")
+            raise InputError(where, None, f"{split} row {bad} outside 0..{num_rows[split] - 1}")
     slots = pc.min_max(table.column("slot")).as_py()
     if slots["min"] is not None and (slots["min"] < 0 or slots["max"] >= schema.MAX_IMAGES):
-        raise ValueError(f"{where}: slot outside 0..{schema.MAX_IMAGES - 1}")
+        raise InputError(where, None, f"slot outside 0..{schema.MAX_IMAGES - 1}")
 
 
 def iter_input_shards(manifest_uri: str, rows_per_shard: int) -> Iterator[tuple[cache.ShardSpec, pa.Table]]:

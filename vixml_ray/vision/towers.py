@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from vixml_ray.config import VisionConfig
+from vixml_ray.errors import ConfigError
 from vixml_ray.vision import hf_backend, openclip_backend
 
 RANDOM_INIT_SEED = 0
@@ -53,7 +54,7 @@ def resolve_dtype(v: VisionConfig, device: torch.device) -> torch.dtype:
     if v.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and v.dtype == "float16":
-        raise ValueError("vision.dtype=float16 is not a CPU dtype; use float32 or bfloat16")
+        raise ConfigError("invalid value for 'vision.dtype': float16 is not a CPU dtype; use float32 or bfloat16")
     return TORCH_DTYPES[v.dtype]
 
 

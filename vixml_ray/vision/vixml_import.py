@@ -30,6 +30,7 @@ from vixml_ray import storage
 from vixml_ray.config import Config
 from vixml_ray.data import schema
 from vixml_ray.data.dataset import open_dataset
+from vixml_ray.errors import IncompatibleArtifactError, InputError, MissingPathError, OutputExistsError
 from vixml_ray.vision import cache
 
 RELEASE_MODEL = "google/siglip2-so400m-patch14-384"
@@ -47,7 +48,7 @@ def _list(source: str) -> list[str]:
 def _one(names: list[str], pattern: str, source: str) -> Optional[str]:
     matches = fnmatch.filter(names, pattern)
     if len(matches) > 1:
-        raise ValueError(f"{source}: several files match {pattern}: {matches}; keep one")
+        raise InputError(source, None, f"several files match {pattern}: {matches}; keep one")
     return matches[0] if matches else None
 
 
@@ -66,20 +67,22 @@ def _entity_images(entry: Any, entity: int, where: str) -> list[int]:
     if entry is None or (np.isscalar(entry) and int(entry) == -1):
         return []
     if np.isscalar(entry):
-        raise ValueError(f"{where}: entity {entity}: expected a list of image rows or -1, got {entry!r}")
+        raise InputError(where, None, f"entity {entity}: expected a list of image rows or -1, got {entry!r}")
     return [int(i) for i in entry]
 
 
 def _split_rows(split: str, image_map: np.ndarray, num_images: int, uids: list[str], where: str) -> dict[str, list]:
     """The feature rows (split, row, uid, slot, image index) of one split, in entity then slot order."""
     if len(image_map) != len(uids):
-        raise ValueError(f"{where}: {len(image_map)} entities, the dataset's {split} split has {len(uids)}")
+        raise IncompatibleArtifactError(f"{where}: {len(image_map)} entities, the dataset's {split} split has "
+                                        f"{len(uids)}")
     out: dict[str, list] = {"row": [], "slot": [], "image": []}
     for entity, entry in enumerate(image_map):
         images = _entity_images(entry, entity, where)[: schema.MAX_IMAGES]
         for slot, image in enumerate(images):
             if not 0 <= image < num_images:
-                raise ValueError(f"{where}: entity {entity} slot {slot}: image row {image} outside 0..{num_images - 1}")
+                raise InputError(where, None, f"entity {entity} slot {slot}: image row {image} outside "
+                                              f"0..{num_images - 1}")
             out["row"].append(entity)
             out["slot"].append(slot)
             out["image"].append(image)
@@ -100,10 +103,10 @@ def import_vixml_features(dataset_uri: str, source: str, cfg: Config) -> dict[st
     found = {s: f for s, f in files.items() if all(f)}
     for split, (emb_name, map_name) in files.items():
         if bool(emb_name) != bool(map_name):
-            raise FileNotFoundError(f"{source}: {split} has {emb_name or map_name} but not its "
-                                    f"{'map' if emb_name else 'embedding'} file")
+            raise MissingPathError(source, f"{source}: {split} has {emb_name or map_name} but not its "
+                                           f"{'map' if emb_name else 'embedding'} file")
     if not found:
-        raise FileNotFoundError(f"{source}: no released image arrays ({', '.join(EMB_PATTERNS.values())})")
+        raise MissingPathError(source, f"{source}: no released image arrays ({', '.join(EMB_PATTERNS.values())})")
 
     num_rows = {s: ds.num_rows(s) for s in schema.SPLITS}
     cache_uri = storage.join(ds.uri, schema.FEATURES_DIR, slug)
@@ -115,7 +118,7 @@ def import_vixml_features(dataset_uri: str, source: str, cfg: Config) -> dict[st
         for split, (emb_name, map_name) in found.items():
             emb = np.load(_local(storage.join(source, emb_name), scratch), mmap_mode="r")
             if emb.ndim != 2 or (dim is not None and emb.shape[1] != dim):
-                raise ValueError(f"{source}/{emb_name}: shape {emb.shape}, expected [n_images, {dim or 'D'}]")
+                raise InputError(f"{source}/{emb_name}", None, f"shape {emb.shape}, expected [n_images, {dim or 'D'}]")
             dim = int(emb.shape[1])
             image_map = np.load(_local(storage.join(source, map_name), scratch), allow_pickle=True)
             rows = _split_rows(split, image_map, len(emb), ds.uids(split), f"{source}/{map_name}")
@@ -185,7 +188,7 @@ def write_image_manifest(dataset_uri: str, table: pa.Table) -> str:
         with fs.open_input_file(path) as f:
             existing = pq.ParquetFile(f).metadata.num_rows
         if existing:
-            raise FileExistsError(f"{uri} already lists {existing} images; remove it to import {URLS_FILE}")
+            raise OutputExistsError(uri, f"{uri} already lists {existing} images; remove it to import {URLS_FILE}")
     cache.write_shard(uri, table.cast(schema.IMAGES_SCHEMA))
     return uri
 
@@ -196,8 +199,8 @@ def import_vixml(dataset_uri: str, source: str, cfg: Config) -> dict[str, Any]:
     names = _list(source)
     has_arrays = any(fnmatch.filter(names, p) for p in EMB_PATTERNS.values())
     if not has_arrays and URLS_FILE not in names:
-        raise FileNotFoundError(f"{source}: neither released image arrays ({', '.join(EMB_PATTERNS.values())}) "
-                                f"nor {URLS_FILE}")
+        raise MissingPathError(source, f"{source}: neither released image arrays ({', '.join(EMB_PATTERNS.values())}) "
+                                       f"nor {URLS_FILE}")
     summary: dict[str, Any] = {}
     if URLS_FILE in names:
         table = image_manifest_from_urls(dataset_uri, storage.join(source, URLS_FILE))
