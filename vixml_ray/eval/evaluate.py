@@ -198,8 +198,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
     }
     with storage.publish(out_uri, overwrite=overwrite) as staging:
         storage.write_json(storage.join(staging, METRICS_FILE), result)
-        fs, path = storage.filesystem(storage.join(staging, PREDICTIONS_FILE))
-        pq.write_table(_predictions_table(ids, scores), path, filesystem=fs)
+        storage.write_parquet(storage.join(staging, PREDICTIONS_FILE), _predictions_table(ids, scores))
         write_report(result, staging)
         save_config(cfg, storage.join(staging, CONFIG_FILE))
     k = cfg.eval.k

@@ -34,6 +34,7 @@ from vixml_ray.model.tokens import tokenize
 from vixml_ray.serve.batch import inference_device
 from vixml_ray.serve.export import absolute_uri, check_feature_model, read_export
 from vixml_ray.serve.images import ImageFeaturizer, ImageInput
+from vixml_ray.vision.fetch import fetch_options
 
 T = TypeVar("T")
 
@@ -67,8 +68,8 @@ class Predictor:
         manifest = read_manifest(self.index_dir)
         self._check(manifest)
         self.embedder = load_export(self.export.uri).to(inference_device(self.cfg.infer)).eval()
-        self.images = (ImageFeaturizer(self.cfg.vision, absolute_uri(base_uri or os.getcwd()))
-                       if self.export.uses_images else None)
+        fetch = fetch_options(self.cfg, absolute_uri(base_uri or os.getcwd()))
+        self.images = ImageFeaturizer(self.cfg.vision, fetch) if self.export.uses_images else None
         if self.images is not None and self.images.dim != self.export.image_dim:
             raise ConfigError(f"the vision tower gives {self.images.dim}-d features, the export expects "
                               f"{self.export.image_dim}")

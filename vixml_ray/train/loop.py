@@ -27,7 +27,7 @@ from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
 from vixml_ray.train.clustering import balanced_clusters
-from vixml_ray.train.engine import Engine, TorchEngine
+from vixml_ray.train.engine import Engine, TorchEngine, learning_rates
 from vixml_ray.train.inputs import TrainInputs, load_inputs
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
 from vixml_ray.train.prototypes import init_prototypes, label_centroids
@@ -111,7 +111,7 @@ class Trainer:
                 "epoch": epoch, "step": self.state.step, "loss": float(np.mean(losses)) if losses else float("nan"),
                 "last_loss": losses[-1] if losses else float("nan"), "grad_norm": grad_norm,
                 "samples_per_s": queries / seconds if seconds > 0 else 0.0, "epoch_s": seconds,
-                "cluster_size": self.sampler.cluster_size or 0, **self.engine.learning_rates(),
+                "cluster_size": self.sampler.cluster_size or 0, **learning_rates(self.engine.optimizer),
             }
             last = stop or self.state.epoch >= train.epochs
             if len(self.inputs.val_rows) and (last or (epoch + 1) % train.eval_every_epochs == 0):
