@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vixml_ray.config import Config, ConfigError
+from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
@@ -35,7 +36,7 @@ from vixml_ray.train.positives import PositiveSampler
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import make_step_batch, train_step
-from vixml_ray.train.validation import embed_rows, retrieval_metrics
+from vixml_ray.train.validation import embed_rows, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -195,17 +196,19 @@ class Trainer:
         rows = self.inputs.val_rows
         queries = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train", rows,
                              self.cfg.eval.batch_size, self.runtime.device)
-        return retrieval_metrics(queries, self.label_embeddings(), self.inputs.train_labels[rows], k=5, topk=5,
-                                 device=self.runtime.device, prefix="val_")
+        return validation_metrics(queries, self.label_embeddings(), self.inputs.train_labels[rows], k=5, topk=5,
+                                  device=self.runtime.device, prefix="val_")
 
     def test(self) -> dict[str, float]:
+        """``test_*`` metrics of the final model: propensities from every TRAIN row, as in the evaluation job (which
+        searches the index instead: see :mod:`vixml_ray.train.validation`)."""
         rows = np.arange(self.inputs.dataset.num_test)
         queries = embed_rows(self.engine.embedder, self.inputs.tokens["test"], self.inputs.images, "test", rows,
                              self.cfg.eval.batch_size, self.runtime.device)
-        return retrieval_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
-                                 topk=self.cfg.eval.topk, device=self.runtime.device,
-                                 inv_propensity=self.inputs.inv_propensity,
-                                 filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
+        inv = inverse_propensity(self.inputs.train_labels, self.cfg.eval.propensity_a, self.cfg.eval.propensity_b)
+        return validation_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
+                                  topk=self.cfg.eval.topk, device=self.runtime.device, inv_propensity=inv,
+                                  filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def report_with_checkpoint(self, metrics: dict[str, Any]) -> None:
