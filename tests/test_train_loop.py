@@ -80,15 +80,19 @@ def test_training_learns_and_resumes_exactly(dataset: tuple[Path, str]) -> None:
     assert (Path(summary["checkpoint"]) / "trainable.safetensors").is_file()
     checkpoints = sorted((run / "checkpoints").iterdir())
     assert len(checkpoints) == 3
+    assert (run / "curves.png").stat().st_size > 0
 
-    # a worker "killed" after epoch 0: a new run directory holding only that checkpoint continues identically
+    # a worker "killed" after logging all 3 epochs with only epoch 0's checkpoint kept continues identically, and
+    # the epochs it reports again replace their lines instead of being logged twice
     resumed = root / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoints[0], resumed / "checkpoints" / checkpoints[0].name)
+    shutil.copy(run / "metrics.jsonl", resumed / "metrics.jsonl")
     again = train(cfg, run_dir=str(resumed))
     replay = _losses(resumed)
-    assert [h["epoch"] for h in replay] == [1, 2]
-    for original, repeated in zip(history[1:], replay):
+    assert [h["epoch"] for h in replay] == [0, 1, 2]
+    assert replay[0] == history[0]
+    for original, repeated in zip(history[1:], replay[1:]):
         assert repeated["loss"] == pytest.approx(original["loss"], rel=1e-5, abs=1e-7)
         assert repeated["val_P@1"] == original["val_P@1"]
     assert again["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-5, abs=1e-7)

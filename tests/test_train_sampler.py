@@ -1,4 +1,4 @@
-"""The global batch order, the cluster schedule, rank slices and positive sampling."""
+"""The global batch order, the cluster schedule, rank shares and positive sampling."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import scipy.sparse as sp
 
 from vixml_ray.config import ClusterConfig
 from vixml_ray.train.positives import PositiveSampler, batch_targets
-from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler, rank_slice
+from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler, slice_bounds
 
 
 def test_schedule_reference_decoder() -> None:
     schedule = ClusterSchedule(ClusterConfig(start_epoch=4, refresh_every=2, initial_size=16, double_at=[8, 12]))
     assert [schedule.cluster_size(e) for e in (0, 3, 4, 7, 8, 11, 12, 20)] == [None, None, 16, 16, 32, 32, 64, 64]
     assert [e for e in range(14) if schedule.refresh(e)] == [4, 6, 8, 10, 12]
-    assert schedule.last_refresh(3) is None and schedule.last_refresh(7) == 6
 
 
 def test_random_batches_cover_rows_once_and_depend_on_epoch() -> None:
@@ -72,9 +71,10 @@ def test_state_dict_round_trip_and_sibling_merge() -> None:
 
 
 @pytest.mark.parametrize("n,world", [(64, 1), (64, 2), (63, 4), (7, 3)])
-def test_rank_slices_partition_the_global_batch(n: int, world: int) -> None:
+def test_rank_shares_partition_the_global_batch(n: int, world: int) -> None:
     batch = np.random.default_rng(0).permutation(1000)[:n]
-    slices = [rank_slice(batch, r, world) for r in range(world)]
+    bounds = slice_bounds(n, world)
+    slices = [batch[bounds[r]: bounds[r + 1]] for r in range(world)]
     assert np.array_equal(np.concatenate(slices), batch)
     assert max(map(len, slices)) - min(map(len, slices)) <= 1
 

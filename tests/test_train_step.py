@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from vixml_ray.config import Config, load_config
 from vixml_ray.model import build_embedder
 from vixml_ray.model.tokens import TokenArrays
-from vixml_ray.train.engine import ChunkedEmbedder, TorchEngine
+from vixml_ray.train.engine import ChunkedEmbedder, TorchEngine, build_scheduler, learning_rates
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
 from vixml_ray.train.positives import PositiveSampler
 from vixml_ray.train.step import forward_loss, make_step_batch, train_step
@@ -47,6 +47,22 @@ def _data() -> tuple[TokenArrays, TokenArrays, sp.csr_matrix]:
     cols = np.concatenate([topic, (topic[::4] + 1) % NUM_LABELS])
     labels = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(NUM_QUERIES, NUM_LABELS))
     return TokenArrays(q_ids, q_len), TokenArrays(l_ids, l_len), labels
+
+
+def test_lr_schedule_warms_up_then_decays_linearly() -> None:
+    """transformers' linear schedule with 4 warm-up steps of 10: step s runs at s/4 of the peak LR during the
+    warm-up (the hand-written schedule it replaces ran at (s+1)/4, one step ahead), then (10 - s)/6 as before."""
+    weights = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [weights], "lr": 2e-3, "name": "backbone"}])
+    cfg = load_config(None, ["train.warmup_steps=4"])
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps=10)
+    seen = []
+    for _ in range(11):
+        seen.append(learning_rates(optimizer)["lr_backbone"])
+        optimizer.step()
+        scheduler.step()
+    factors = [0, 0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0]
+    assert seen == pytest.approx([2e-3 * f for f in factors], abs=1e-12)
 
 
 def test_chunked_forward_equals_one_padded_call(tmp_path: Path) -> None:

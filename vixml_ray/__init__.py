@@ -3,7 +3,8 @@
 The package is layered; a module imports only from its own layer and the layers below it (``tests/test_layers.py``
 parses every import, lazy ones included, and fails on an upward import or an import cycle). Bottom to top:
 
-* ``errors``, ``storage`` (paths/URIs, atomic publishing), ``config`` (+ ``presets``), ``ray_utils``
+* ``errors``, ``devices`` (torch dtypes and devices), ``storage`` (paths/URIs, atomic publishing),
+  ``config`` (+ ``presets``), ``ray_utils``
 * ``data`` (dataset layout, schemas, preparation) -> ``vision`` (image features) -> ``model`` (the embedder)
 * ``inference`` (reading an export, batch embedding, query images)
 * ``index`` (versioned label vectors, shard actors, exact top-k, refresh)
@@ -13,7 +14,7 @@ parses every import, lazy ones included, and fails on an upward import or an imp
 """
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),
+    ("errors", "devices"),
     ("storage",),
     ("config", "presets"),
     ("ray_utils",),

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -312,14 +314,27 @@ PROMPT_PARTS = ("T1", "T2", "I1", "I2", "E", "V", "EOS")
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-def _valid_keys(node: Any, prefix: str = "") -> list[str]:
-    keys = []
+def flatten(node: Any, is_leaf: Callable[[Any], bool] = lambda value: False, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of a nested config: descends into config sections (dataclasses) and non-empty mappings
+    unless ``is_leaf(value)``; everything else (scalars, lists, empty mappings) is a leaf."""
     if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            full = f"{prefix}{f.name}"
-            keys.append(full)
-            keys.extend(_valid_keys(getattr(node, f.name), full + "."))
-    return keys
+        items = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    else:
+        items = list(node.items())
+    out: dict[str, Any] = {}
+    for name, value in items:
+        key = f"{prefix}{name}"
+        if not is_leaf(value) and (dataclasses.is_dataclass(value) or (isinstance(value, Mapping) and value)):
+            out.update(flatten(value, is_leaf, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _valid_keys(node: Any) -> list[str]:
+    """Every dotted key of ``node``: its leaves and the sections above them."""
+    leaves = [key for key in flatten(node, lambda value: not dataclasses.is_dataclass(value))]
+    return list(dict.fromkeys(".".join(key.split(".")[: i + 1]) for key in leaves for i in range(key.count(".") + 1)))
 
 
 def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
@@ -454,6 +469,18 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from vixml_ray.storage import write_text
 
     write_text(str(path), to_yaml(cfg))
+
+
+def read_config(uri: str, overrides: Sequence[str] = ()) -> Config:
+    """A config saved by :func:`save_config` (local path or pyarrow.fs URI) with dotted ``overrides``."""
+    from vixml_ray import storage
+
+    if storage.is_local(uri):
+        return load_config(storage.filesystem(uri)[1], tuple(overrides))
+    with tempfile.TemporaryDirectory(prefix="vixml-config-") as tmp:
+        local = Path(tmp) / Path(uri).name
+        local.write_text(storage.read_text(uri), encoding="utf-8")
+        return load_config(local, tuple(overrides))
 
 
 T = TypeVar("T")

@@ -133,8 +133,5 @@ def plot_comparison(results: dict[str, Any], path: str, ceiling: float | None = 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    fs, file_path = storage.filesystem(path)
-    fs.create_dir(file_path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(file_path) as f:
-        f.write(png.getvalue())
+    storage.write_bytes(path, png.getvalue())
     return path

@@ -7,7 +7,9 @@ Every stage writes an output directory that readers must never see half-written:
 * object stores (no atomic rename): the stage writes ``<out>/versions/<id>/`` fully, then writes the small pointer
   object ``<out>/CURRENT`` last. :func:`resolve` follows the pointer.
 
-Readers call :func:`resolve` on the directory they were given and read from what it returns.
+Readers call :func:`resolve` on the directory they were given and read from what it returns. Single files are
+published the same way by :func:`atomic_file` (and :func:`write_bytes`, :func:`write_text`, :func:`write_json`,
+:func:`write_parquet` on top of it): they appear complete or not at all. This module is the only place that knows how.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from vixml_ray.errors import MissingPathError, OutputExistsError
 
@@ -62,19 +67,39 @@ def read_text(uri: str) -> str:
         return f.read().decode("utf-8")
 
 
-def write_text(uri: str, text: str) -> None:
-    """Writes a small text file; on local disk through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(uri: str) -> Iterator[str]:
+    """Yields a LOCAL path to write the file of ``uri`` to; on clean exit the file appears at ``uri`` complete, in
+    one step (local disk: the temporary sibling ``<uri>.tmp-<id>`` is renamed; object stores: a local temporary
+    file is uploaded in one copy); on error the temporary file is removed and ``uri`` is left as it was."""
     fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
+    else:
+        handle, tmp = tempfile.mkstemp(prefix="vixml-upload-")
+        os.close(handle)
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes a file that appears complete or not at all (see :func:`atomic_file`)."""
+    with atomic_file(uri) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
 
 
 def read_json(uri: str) -> Any:
@@ -83,6 +108,37 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_parquet(uri: str, table: pa.Table, **options: Any) -> None:
+    """Writes ``table`` as one parquet file that appears complete or not at all; ``options`` go to
+    ``pyarrow.parquet.write_table`` (compression, row_group_size, ...)."""
+    with atomic_file(uri) as tmp:
+        pq.write_table(table, tmp, **options)
+
+
+def local_copy(uri: str, target: str) -> str:
+    """A local path holding the file or directory at ``uri``: its own path on local disk, else a copy at ``target``
+    made once (copied to a temporary sibling and renamed, so an existing ``target`` is a complete copy)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.exists(target):  # not a lost race with another process copying the same file
+            raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+    return target
 
 
 def resolve(uri: str) -> str:
@@ -103,10 +159,13 @@ def remove(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def publish(uri: str, overwrite: bool = False) -> Iterator[str]:
+def publish(uri: str, overwrite: bool = False, local: bool = False) -> Iterator[str]:
     """Yields a staging directory; on clean exit makes it the output at ``uri`` in one step; on error removes it.
 
-    ``overwrite=False`` refuses to replace an existing output (named in the error) before any work starts.
+    ``overwrite=False`` refuses to replace an existing output (named in the error) before any work starts, and
+    again at the end when another process published ``uri`` meanwhile (the first one wins). ``local=True`` yields a
+    directory on local disk also for an object store (for writers that need local files, e.g. memory maps): it is
+    uploaded into the version directory before the pointer is written.
     """
     fs, path = filesystem(uri)
     if exists(uri) and not overwrite:
@@ -117,24 +176,42 @@ def publish(uri: str, overwrite: bool = False) -> Iterator[str]:
         os.makedirs(staging)
         try:
             yield staging
-        except BaseException:
+            _swap_in(staging, path.rstrip("/"), version, overwrite)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if os.path.exists(path):  # replace: move the old output aside, swap, then delete it
-            old = f"{path.rstrip('/')}.old-{version}"
-            os.rename(path, old)
-            os.rename(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, path)
         return
     rel = f"versions/{version}"
     staging = join(uri, rel)
     fs.create_dir(filesystem(staging)[1], recursive=True)
+    local_dir = tempfile.mkdtemp(prefix="vixml-publish-") if local else None
     try:
-        yield staging
+        yield local_dir or staging
+        if local_dir is not None:
+            pafs.copy_files(local_dir, filesystem(staging)[1], source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
     except BaseException:
         with contextlib.suppress(Exception):
             remove(staging)
         raise
+    finally:
+        if local_dir is not None:
+            shutil.rmtree(local_dir, ignore_errors=True)
     write_text(join(uri, CURRENT), rel)
+
+
+def _swap_in(staging: str, path: str, version: str, overwrite: bool) -> None:
+    """Renames the finished local ``staging`` directory to ``path``; an existing output is replaced only when
+    ``overwrite`` (moved aside, swapped, then deleted)."""
+    if not os.path.exists(path):
+        try:
+            os.rename(staging, path)
+            return
+        except OSError:  # another process published ``path`` since the check
+            if not os.path.exists(path):
+                raise
+    if not overwrite:
+        raise FileExistsError(f"output already exists: {path} (published meanwhile by another process)")
+    old = f"{path}.old-{version}"
+    os.rename(path, old)
+    os.rename(staging, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -73,11 +73,15 @@ def rows_pairs(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.stack([np.repeat(np.arange(len(rows)), counts), picked], axis=1)
 
 
-def retrieve(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex,
-             train_labels: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
+def index_top_k(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex,
+                train_labels: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top ``eval.topk`` (ids int64, scores float32) of every test row of the embedded ``queries`` ({row,
-    embedding}), filter pairs removed; -1/-inf padding. With ``infer.raa.enabled`` the search is retrieval-augmented
-    (``train_labels``: the index version's training label matrix)."""
+    embedding}) from the sharded index, filter pairs removed; -1/-inf padding. With ``infer.raa.enabled`` the
+    search is retrieval-augmented (``train_labels``: the index version's training label matrix).
+
+    The training loop's ``test_*`` metrics (:func:`vixml_ray.train.validation.validation_metrics`) score the same
+    split with the same propensities but rank by a brute-force torch top-k without RAA, so on an approximate index,
+    with RAA or on tied scores the two may differ."""
     n, topk = dataset.num_test, cfg.eval.topk
     ids = np.full((n, topk), -1, dtype=np.int64)
     scores = np.full((n, topk), -np.inf, dtype=np.float32)
@@ -193,7 +197,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         queries = embed_split(cfg, export, dataset, "test", features).materialize()
         t1 = time.perf_counter()
         with ShardedIndex(index_uri, cfg.index, manifest.version, parts) as index:
-            ids, scores = retrieve(cfg, dataset, queries, index, train_labels)
+            ids, scores = index_top_k(cfg, dataset, queries, index, train_labels)
         t2 = time.perf_counter()
     result = {
         **score(cfg, dataset, ids),
@@ -209,8 +213,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
     }
     with storage.publish(out_uri, overwrite=overwrite) as staging:
         storage.write_json(storage.join(staging, METRICS_FILE), result)
-        fs, path = storage.filesystem(storage.join(staging, PREDICTIONS_FILE))
-        pq.write_table(_predictions_table(ids, scores), path, filesystem=fs)
+        storage.write_parquet(storage.join(staging, PREDICTIONS_FILE), _predictions_table(ids, scores))
         write_report(result, staging)
         save_config(cfg, storage.join(staging, CONFIG_FILE))
     k = cfg.eval.k

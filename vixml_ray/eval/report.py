@@ -72,7 +72,5 @@ def write_report(result: dict[str, Any], out_dir: str) -> list[str]:
     """Writes ``metrics.md`` and ``metrics.png`` into ``out_dir`` (local path or URI); returns their URIs."""
     md_uri, png_uri = storage.join(out_dir, MARKDOWN_FILE), storage.join(out_dir, PLOT_FILE)
     storage.write_text(md_uri, markdown(result))
-    fs, path = storage.filesystem(png_uri)
-    with fs.open_output_stream(path) as f:
-        f.write(plot(result))
+    storage.write_bytes(png_uri, plot(result))
     return [md_uri, png_uri]

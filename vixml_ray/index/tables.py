@@ -71,8 +71,7 @@ def _sources(source: np.ndarray, version: str) -> pa.Array:
 
 
 def _write(path: str, name: str, table: pa.Table) -> None:
-    fs, file_path = storage.filesystem(storage.join(path, name))
-    pq.write_table(table, file_path, filesystem=fs)
+    storage.write_parquet(storage.join(path, name), table)
 
 
 def write_labels(path: str, labels: pa.Table, source: np.ndarray, version: str) -> None:

@@ -27,7 +27,6 @@ import dataclasses
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -247,13 +246,7 @@ class VersionWriter:
             schema=_PART_SCHEMA[part](dim),
         )
         uri = storage.join(part_dir(path, part), f"part-{shard_id:05d}.parquet")
-        fs, target = storage.filesystem(uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = f"{target}.tmp-{uuid.uuid4().hex[:8]}" if isinstance(fs, pafs.LocalFileSystem) else target
-        pq.write_table(table, staging, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
-        if staging != target:
-            os.replace(staging, target)
+        storage.write_parquet(uri, table, row_group_size=ROW_GROUP_ROWS)
         return uri
 
     def commit(self, path: str, identity: Mapping[str, Any] | None = None, make_current: bool = True) -> Manifest:

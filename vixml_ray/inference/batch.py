@@ -15,20 +15,12 @@ import torch
 from vixml_ray import storage
 from vixml_ray.config import Config, InferConfig
 from vixml_ray.data.dataset import Dataset
+from vixml_ray.devices import actor_device
 from vixml_ray.errors import ConfigError
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
 from vixml_ray.inference.export import Export, FeatureCache, export_fingerprint
-
-
-def inference_device(infer: InferConfig) -> torch.device:
-    """CUDA when ``infer.num_gpus_per_actor > 0`` (an error if this process cannot see a GPU), else CPU."""
-    if infer.num_gpus_per_actor > 0:
-        if not torch.cuda.is_available():
-            raise RuntimeError("infer.num_gpus_per_actor > 0 but this process sees no CUDA device")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 class BatchEmbedder:
@@ -39,7 +31,7 @@ class BatchEmbedder:
                  dataset_uri: str | None = None, feature_slug: str | None = None):
         if export_fingerprint(export_uri) != fingerprint:
             raise RuntimeError(f"the export at {export_uri} changed while the job ran (fingerprint mismatch)")
-        device = inference_device(infer)
+        device = actor_device(infer.num_gpus_per_actor, "infer.num_gpus_per_actor")
         if device.type == "cpu":
             torch.set_num_threads(infer.actor_threads or max(1, int(infer.num_cpus_per_actor)))
         self.embedder = load_export(export_uri).to(device).eval()

@@ -10,15 +10,13 @@
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
 from vixml_ray import storage
-from vixml_ray.config import Config, load_config
+from vixml_ray.config import Config, load_config, read_config
 from vixml_ray.data.dataset import Dataset
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.model.embedder import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE
@@ -86,15 +84,6 @@ def export_fingerprint(root: str) -> str:
     return digest.hexdigest()
 
 
-def _load_config_file(uri: str, overrides: Sequence[str] = ()) -> Config:
-    if storage.is_local(uri):
-        return load_config(storage.filesystem(uri)[1], overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / CONFIG_FILE
-        local.write_text(storage.read_text(uri), encoding="utf-8")
-        return load_config(local, overrides)
-
-
 def read_export(uri: str) -> Export:
     """The export at ``uri`` (a published directory: its ``CURRENT`` pointer is followed)."""
     root = storage.resolve(absolute_uri(str(uri)))
@@ -102,7 +91,7 @@ def read_export(uri: str) -> Export:
     if missing:
         raise MissingPathError(uri, f"{uri}: not an inference export (missing {', '.join(missing)})")
     meta = storage.read_json(storage.join(root, EXPORT_FILE))
-    return Export(root, _load_config_file(storage.join(root, CONFIG_FILE)), meta, export_fingerprint(root))
+    return Export(root, read_config(storage.join(root, CONFIG_FILE)), meta, export_fingerprint(root))
 
 
 def _differences(prefix: str, ours: Any, theirs: Any, keys: Sequence[str] | None = None) -> list[str]:
@@ -121,8 +110,8 @@ def job_config(export_uri: str, config_path: str | None = None, overrides: Seque
     export_file = storage.join(storage.resolve(absolute_uri(export_uri)), CONFIG_FILE)
     if not storage.exists(export_file):
         raise MissingPathError(export_uri, f"{export_uri}: not an inference export (no {CONFIG_FILE})")
-    trained = _load_config_file(export_file)
-    cfg = load_config(config_path, overrides) if config_path else _load_config_file(export_file, overrides)
+    trained = read_config(export_file)
+    cfg = load_config(config_path, overrides) if config_path else read_config(export_file, overrides)
     diffs = (_differences("model", cfg.model, trained.model) + _differences("prompt", cfg.prompt, trained.prompt)
              + _differences("vision", cfg.vision, trained.vision, VISION_IDENTITY))
     if diffs:

@@ -25,14 +25,12 @@ ImageInput = bytes | str  # raw bytes, or a path / URI / URL to read them from
 class ImageFeaturizer:
     """``features(images per query)`` -> (float32 [n, 3, D], bool mask [n, 3], reason per given image or None)."""
 
-    def __init__(self, vision: VisionConfig, base_uri: str):
+    def __init__(self, vision: VisionConfig, fetch: FetchOptions):
         self.preprocess = load_preprocessor(vision)
         self.tower = load_tower(vision)
         self.cache_dtype = np.dtype(vision.cache_dtype)
         self.batch_size = vision.batch_size
-        self.fetcher = Fetcher(FetchOptions(base_uri=base_uri, timeout_s=vision.http_timeout_s,
-                                            retries=vision.http_retries, per_host_limit=vision.http_per_host_limit,
-                                            threads=vision.fetch_threads, cache_dir=vision.download_cache))
+        self.fetcher = Fetcher(fetch)
 
     @property
     def dim(self) -> int:

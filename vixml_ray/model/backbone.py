@@ -23,11 +23,11 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from vixml_ray.config import LoraConfig, ModelConfig
+from vixml_ray.devices import DTYPES
 from vixml_ray.errors import ConfigError
 from vixml_ray.model import tiny
 
 PACKAGED = {"packaged:all-MiniLM-L6-v2"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -17,8 +17,6 @@ and buffers (label clusters, centroids).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from vixml_ray import storage
-from vixml_ray.config import Config, load_config, to_yaml
+from vixml_ray.config import Config, read_config, to_yaml
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
@@ -156,9 +154,8 @@ class Embedder(nn.Module):
         """Publishes the trainable weights and the resolved config at ``directory`` (local path or URI)."""
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         with storage.publish(str(directory), overwrite=overwrite) as staging:
-            fs, path = storage.filesystem(storage.join(staging, WEIGHTS_FILE))
-            with fs.open_output_stream(path) as f:
-                f.write(save_safetensors(tensors, metadata={"format": "pt"}))
+            weights = save_safetensors(tensors, metadata={"format": "pt"})
+            storage.write_bytes(storage.join(staging, WEIGHTS_FILE), weights)
             storage.write_text(storage.join(staging, CONFIG_FILE), to_yaml(self.cfg))
             storage.write_json(storage.join(staging, EXPORT_FILE), {
                 "format": EXPORT_FORMAT, "image_dim": self.image_dim, "kind": self.kind,
@@ -195,7 +192,7 @@ def load_export(directory: str) -> Embedder:
     if meta.get("format") != EXPORT_FORMAT:
         raise IncompatibleArtifactError(f"{meta_uri}: unsupported export format {meta.get('format')} "
                                         f"(expected {EXPORT_FORMAT})")
-    cfg = _load_config_uri(storage.join(root, CONFIG_FILE))
+    cfg = read_config(storage.join(root, CONFIG_FILE))
     if cfg.model.prototypes.enabled and not meta.get("num_labels"):
         raise IncompatibleArtifactError(f"{meta_uri}: the model has label prototypes but no 'num_labels'")
     embedder = build_embedder(cfg, meta["image_dim"], meta.get("num_labels"))
@@ -205,12 +202,3 @@ def load_export(directory: str) -> Embedder:
         state = load_safetensors(f.read())
     embedder.load_trainable_state_dict(state)
     return embedder
-
-
-def _load_config_uri(uri: str) -> Config:
-    if storage.is_local(uri):
-        return load_config(storage.filesystem(uri)[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / CONFIG_FILE
-        local.write_text(storage.read_text(uri), encoding="utf-8")
-        return load_config(local)

@@ -8,8 +8,8 @@ Name convention for ``model.name_or_path``: ``"tiny:<arch>"`` with ``<arch>`` on
 
 All have hidden size 64 and seeded random weights (the same bytes on every machine), and use the packaged
 all-MiniLM-L6-v2 WordPiece tokenizer; the decoders add an end-of-text token ``<|endoftext|>`` and, as Qwen does,
-use it as the pad token too. :func:`materialize` writes the model once into ``<cache_dir>/tiny/<arch>`` (atomically:
-a finished directory is renamed into place); the ordinary loading code then reads it from that local path.
+use it as the pad token too. :func:`materialize` publishes the model once into ``<cache_dir>/tiny/<arch>``; the
+ordinary loading code then reads it from that local path.
 
 The tokenizer is saved in the ``tokenizer/`` subfolder (:data:`TOKENIZER_SUBDIR`), not next to ``config.json``:
 transformers 5 ignores a saved ``tokenizer_class`` and forces ``Qwen2Tokenizer`` (byte-level BPE) on any directory
@@ -18,9 +18,6 @@ whose ``config.json`` says ``qwen2``, which turns a WordPiece vocabulary into si
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -31,12 +28,14 @@ from transformers import (
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
+from vixml_ray import storage
 from vixml_ray.errors import ConfigError
 
 PREFIX = "tiny:"
@@ -49,6 +48,9 @@ HEADS = 4
 KV_HEADS = 2
 INTERMEDIATE = 128
 MAX_POSITIONS = 512
+
+TokenizerFactory = Callable[[], PreTrainedTokenizerBase]
+ModelFactory = Callable[[PreTrainedTokenizerBase], PreTrainedModel]
 
 
 def _base_tokenizer() -> PreTrainedTokenizerBase:
@@ -64,24 +66,19 @@ def _decoder_tokenizer() -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _qwen2(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config)
+def _decoder(config_class: type[PretrainedConfig], model_class: type[PreTrainedModel]) -> ModelFactory:
+    """A factory of a tiny decoder of ``model_class``: Qwen2 and Llama take the very same arguments."""
 
+    def make(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        config = config_class(
+            vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        return model_class(config)
 
-def _llama(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    return make
 
 
 def _bert(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -92,13 +89,10 @@ def _bert(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     return BertModel(config)
 
 
-TokenizerFactory = Callable[[], PreTrainedTokenizerBase]
-ModelFactory = Callable[[PreTrainedTokenizerBase], PreTrainedModel]
-
 # arch -> (tokenizer factory, model factory given the tokenizer)
 TINY_MODELS: dict[str, tuple[TokenizerFactory, ModelFactory]] = {
-    "qwen2": (_decoder_tokenizer, _qwen2),
-    "llama": (_decoder_tokenizer, _llama),
+    "qwen2": (_decoder_tokenizer, _decoder(Qwen2Config, Qwen2ForCausalLM)),
+    "llama": (_decoder_tokenizer, _decoder(LlamaConfig, LlamaForCausalLM)),
     "bert": (_base_tokenizer, _bert),
 }
 
@@ -110,8 +104,8 @@ def is_tiny(name_or_path: str) -> bool:
 def materialize(name: str, cache_dir: str | Path) -> Path:
     """The local directory of tiny model ``name`` (``"tiny:qwen2"`` or ``"qwen2"``), written on first use.
 
-    Idempotent and safe when several processes race: each builds into its own temporary directory and the first
-    rename wins; the others discard theirs.
+    Idempotent and safe when several processes race: each builds into its own staging directory
+    (:func:`vixml_ray.storage.publish`) and the first to publish wins; the others discard theirs.
     """
     arch = name[len(PREFIX):] if is_tiny(name) else name
     if arch not in TINY_MODELS:
@@ -120,20 +114,15 @@ def materialize(name: str, cache_dir: str | Path) -> Path:
     target = Path(cache_dir).expanduser().absolute() / "tiny" / arch
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{arch}.tmp-", dir=target.parent))
     try:
-        make_tokenizer, make_model = TINY_MODELS[arch]
-        tokenizer = make_tokenizer()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            model = make_model(tokenizer)
-        model.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging / TOKENIZER_SUBDIR)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with storage.publish(str(target)) as staging:
+            make_tokenizer, make_model = TINY_MODELS[arch]
+            tokenizer = make_tokenizer()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED)
+                model = make_model(tokenizer)
+            model.save_pretrained(staging)  # safetensors
+            tokenizer.save_pretrained(Path(staging) / TOKENIZER_SUBDIR)
+    except FileExistsError:  # another process published it first: theirs is the same
+        pass
     return target

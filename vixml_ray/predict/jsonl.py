@@ -11,26 +11,19 @@ line per non-blank input line, in input order::
     {"line": 1, "id": "q1", "labels": [...], "names": [...], "scores": [...], "version": "v3", "image_errors": [...]}
 
 A line that is not a valid query gets ``{"line": n, "error": "<file>:<n>: ..."}`` and is counted; the job goes on.
-The output file appears complete or not at all (a local temporary file renamed at the end; one upload on object
-stores).
+The output file appears complete or not at all (:func:`vixml_ray.storage.atomic_file`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import itertools
 import json
-import os
-import tempfile
 import time
-import uuid
 from collections import Counter
-from typing import IO, Any, Iterator
-
-import pyarrow.fs as pafs
+from typing import Any, Iterator
 
 from vixml_ray import storage
 from vixml_ray.config import Config
@@ -71,31 +64,7 @@ def parse_query(line: bytes | str, path: str, lineno: int) -> tuple[Any, Query]:
     return obj.get("id"), Query(text, tuple(parsed))
 
 
-@contextlib.contextmanager
-def atomic_output(uri: str) -> Iterator[IO[str]]:
-    """A text stream whose file appears at ``uri`` only when the block succeeds: written to a local temporary file,
-    then renamed into place (local disk) or uploaded in one copy (object stores)."""
-    fs, path = storage.filesystem(uri)
-    local = storage.is_local(uri)
-    if local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    else:
-        handle, tmp = tempfile.mkstemp(prefix="vixml-predict-", suffix=".jsonl")
-        os.close(handle)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-        if local:
-            os.replace(tmp, path)
-        else:
-            pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _lines(uri: str) -> Iterator[bytes]:
+def _lines(uri: str) -> Iterator[str]:
     fs, path = storage.filesystem(uri)
     with fs.open_input_stream(path) as raw, io.BufferedReader(raw) as f:  # decoded per line: a bad one is skipped
         yield from f
@@ -114,7 +83,8 @@ def predict_file(export_uri: str, index_dir: str, queries_uri: str, out_uri: str
     counts: Counter[str] = Counter()
     image_errors: Counter[str] = Counter()
     versions: set[str] = set()
-    with Predictor(export_uri, index_dir, cfg, base_uri=base) as predictor, atomic_output(out_uri) as out:
+    with Predictor(export_uri, index_dir, cfg, base_uri=base) as predictor, storage.atomic_file(out_uri) as tmp, \
+            open(tmp, "w", encoding="utf-8") as out:
         ready = time.perf_counter()
         numbered = ((n, line) for n, line in enumerate(_lines(queries_uri), start=1) if line.strip())
         while chunk := list(itertools.islice(numbered, cfg.infer.batch_size)):

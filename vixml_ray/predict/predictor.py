@@ -24,7 +24,8 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from vixml_ray.config import Config
-from vixml_ray.errors import IncompatibleArtifactError
+from vixml_ray.devices import actor_device
+from vixml_ray.errors import ConfigError, IncompatibleArtifactError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.versions import check_embedded_by
@@ -32,9 +33,9 @@ from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
-from vixml_ray.inference.batch import inference_device
 from vixml_ray.inference.export import absolute_uri, check_feature_model, read_export
 from vixml_ray.inference.images import ImageFeaturizer, ImageInput
+from vixml_ray.vision.fetch import fetch_options
 
 T = TypeVar("T")
 
@@ -67,9 +68,10 @@ class Predictor:
         self.index_dir = absolute_uri(index_dir)
         manifest = read_manifest(self.index_dir)
         self._check(manifest)
-        self.embedder = load_export(self.export.uri).to(inference_device(self.cfg.infer)).eval()
-        self.images = (ImageFeaturizer(self.cfg.vision, absolute_uri(base_uri or os.getcwd()))
-                       if self.export.uses_images else None)
+        device = actor_device(self.cfg.infer.num_gpus_per_actor, "infer.num_gpus_per_actor")
+        self.embedder = load_export(self.export.uri).to(device).eval()
+        fetch = fetch_options(self.cfg, absolute_uri(base_uri or os.getcwd()))
+        self.images = ImageFeaturizer(self.cfg.vision, fetch) if self.export.uses_images else None
         if self.images is not None and self.images.dim != self.export.image_dim:
             raise IncompatibleArtifactError(f"the vision tower gives {self.images.dim}-d features, the export "
                                             f"expects {self.export.image_dim}")

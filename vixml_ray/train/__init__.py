@@ -6,7 +6,7 @@ Public API (``train`` is imported lazily, so the light modules do not pull in to
     train_loop(cfg, runtime, make_engine=torch_engine) -> dict    # vixml_ray.train.loop: one worker of any runtime
     triplet_loss(q, labels, pos_index, positive_mask, cfg)        # vixml_ray.train.loss
     balanced_clusters(x, cluster_size, seed) -> ids               # vixml_ray.train.clustering
-    GlobalBatchSampler, ClusterSchedule, rank_slice               # vixml_ray.train.sampler
+    GlobalBatchSampler, ClusterSchedule, slice_bounds             # vixml_ray.train.sampler
 """
 
 from __future__ import annotations

@@ -56,9 +56,6 @@ class DeepSpeedEngine:
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
-    def learning_rates(self) -> dict[str, float]:
-        return {f"lr_{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
-
     def save(self, directory: str) -> None:
         """Every rank writes its ZeRO partition (the frozen base excluded) under ``directory``."""
         self.module.save_checkpoint(directory, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)

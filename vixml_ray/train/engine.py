@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from vixml_ray.config import TrainConfig
 from vixml_ray.model.embedder import Embedder
@@ -54,14 +55,13 @@ class Engine(Protocol):
 
     module: nn.Module  # a ChunkedEmbedder, possibly wrapped (DDP, DeepSpeedEngine): the training forward
     embedder: Embedder  # the bare embedder (inference, export)
+    optimizer: torch.optim.Optimizer  # its param_groups hold the current learning rates
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self) -> float:
         """Clips, steps the optimiser and the schedule, zeroes gradients; returns the pre-clip gradient norm."""
         ...
-
-    def learning_rates(self) -> dict[str, float]: ...
 
     def save(self, directory: str) -> None:
         """Writes this rank's part of an engine checkpoint (every rank calls it)."""
@@ -79,19 +79,15 @@ def build_optimizer(embedder: Embedder, train: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, eps=train.adam_eps)
 
 
-def warmup_linear(warmup_steps: int, total_steps: int):
-    """LR factor: linear warm-up from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(train.warmup_steps, total_steps))
+    """transformers' linear schedule: the LR factor rises linearly from 0 at step 0 to 1 at ``train.warmup_steps``,
+    then falls linearly to 0 at ``total_steps``."""
+    return get_linear_schedule_with_warmup(optimizer, train.warmup_steps, total_steps)
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current LR of each parameter group, as ``lr_<group name>``."""
+    return {f"lr_{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
 class TorchEngine:
@@ -122,9 +118,6 @@ class TorchEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def learning_rates(self) -> dict[str, float]:
-        return {f"lr_{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
 
     def save(self, directory: str) -> None:
         if dist.rank() != 0:  # DDP replicas are identical

@@ -31,7 +31,7 @@ class TrainInputs:
     test_labels: sp.csr_matrix
     train_rows: np.ndarray  # training rows used for training (the rest of TRAIN is validation)
     val_rows: np.ndarray
-    inv_propensity: np.ndarray  # from the training rows' label counts
+    inv_propensity: np.ndarray  # from the label counts of train_rows (propensity-weighted positive sampling)
     images: FeatureBank | None  # image features of train/test/label rows when the model uses images
 
     @property

@@ -25,11 +25,12 @@ import torch
 
 from vixml_ray.config import Config
 from vixml_ray.errors import ConfigError
+from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
 from vixml_ray.train.clustering import balanced_clusters
-from vixml_ray.train.engine import Engine, TorchEngine
+from vixml_ray.train.engine import Engine, TorchEngine, learning_rates
 from vixml_ray.train.inputs import TrainInputs, load_inputs
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
 from vixml_ray.train.positives import PositiveSampler
@@ -37,7 +38,7 @@ from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import make_step_batch, train_step
-from vixml_ray.train.validation import embed_rows, retrieval_metrics
+from vixml_ray.train.validation import embed_rows, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Trainer:
                 "epoch": epoch, "step": self.state.step, "loss": float(np.mean(losses)) if losses else float("nan"),
                 "last_loss": losses[-1] if losses else float("nan"), "grad_norm": grad_norm,
                 "samples_per_s": queries / seconds if seconds > 0 else 0.0, "epoch_s": seconds,
-                "cluster_size": self.sampler.cluster_size or 0, **self.engine.learning_rates(),
+                "cluster_size": self.sampler.cluster_size or 0, **learning_rates(self.engine.optimizer),
             }
             last = stop or self.state.epoch >= train.epochs
             if len(self.inputs.val_rows) and (last or (epoch + 1) % train.eval_every_epochs == 0):
@@ -225,17 +226,19 @@ class Trainer:
         rows = self.inputs.val_rows
         queries = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train", rows,
                              self.cfg.eval.batch_size, self.runtime.device)
-        return retrieval_metrics(queries, self.label_embeddings(), self.inputs.train_labels[rows], k=5, topk=5,
-                                 device=self.runtime.device, prefix="val_")
+        return validation_metrics(queries, self.label_embeddings(), self.inputs.train_labels[rows], k=5, topk=5,
+                                  device=self.runtime.device, prefix="val_")
 
     def test(self) -> dict[str, float]:
+        """``test_*`` metrics of the final model: propensities from every TRAIN row, as in the evaluation job (which
+        searches the index instead: see :mod:`vixml_ray.train.validation`)."""
         rows = np.arange(self.inputs.dataset.num_test)
         queries = embed_rows(self.engine.embedder, self.inputs.tokens["test"], self.inputs.images, "test", rows,
                              self.cfg.eval.batch_size, self.runtime.device)
-        return retrieval_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
-                                 topk=self.cfg.eval.topk, device=self.runtime.device,
-                                 inv_propensity=self.inputs.inv_propensity,
-                                 filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
+        inv = inverse_propensity(self.inputs.train_labels, self.cfg.eval.propensity_a, self.cfg.eval.propensity_b)
+        return validation_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
+                                  topk=self.cfg.eval.topk, device=self.runtime.device, inv_propensity=inv,
+                                  filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def report_with_checkpoint(self, metrics: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Per-epoch training metrics on rank 0: ``metrics.jsonl``, TensorBoard event files and a PNG of the curves."""
+"""Per-epoch training metrics (rank 0 of a Ray Train run, or the local runtime): ``metrics.jsonl``, TensorBoard event
+files and a PNG of the curves. The one writer of ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ class MetricsLog:
         os.makedirs(self.local_dir, exist_ok=True)
         remote = storage.join(run_dir, METRICS_FILE)
         if self.local_dir != run_dir and storage.exists(remote):  # a resumed run continues the remote log
-            with open(os.path.join(self.local_dir, METRICS_FILE), "w", encoding="utf-8") as f:
-                f.write(storage.read_text(remote))
+            storage.write_text(os.path.join(self.local_dir, METRICS_FILE), storage.read_text(remote))
         self.history: list[dict[str, Any]] = _read_history(os.path.join(self.local_dir, METRICS_FILE))
         self.writer = SummaryWriter(os.path.join(self.local_dir, TENSORBOARD_DIR))
 
@@ -39,9 +39,12 @@ class MetricsLog:
         if replay:
             self.history = [h for h in self.history if int(h.get("step", 0)) < step]
         self.history.append(dict(metrics))
-        with open(os.path.join(self.local_dir, METRICS_FILE), "w" if replay else "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(h, sort_keys=True, default=float) + "\n"
-                         for h in (self.history if replay else self.history[-1:]))
+        path = os.path.join(self.local_dir, METRICS_FILE)
+        if replay:  # rewritten in one step: a crash now leaves the old log or the new one
+            storage.write_text(path, "".join(_line(h) for h in self.history))
+        else:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(_line(metrics))
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                 self.writer.add_scalar(key.replace("@", "_at_"), float(value), step)
@@ -78,6 +81,10 @@ class MetricsLog:
             return
         fs, path = storage.filesystem(self.run_dir)
         pafs.copy_files(self.local_dir, path, destination_filesystem=fs)
+
+
+def _line(metrics: dict[str, Any]) -> str:
+    return json.dumps(metrics, sort_keys=True, default=float) + "\n"
 
 
 def _read_history(path: str) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ checkpoint=...)``, ``ray.train.get_checkpoint()`` and Ray Train's device, so the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ import torch
 
 from vixml_ray import storage
 from vixml_ray.train import dist
+from vixml_ray.train.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class Runtime(Protocol):
 
 
 class LocalRuntime:
-    """One process: metrics appended to ``<run_dir>/metrics.jsonl``, checkpoints published as
-    ``<run_dir>/checkpoints/step-<n>`` (the newest ``num_to_keep`` kept), the export at ``<run_dir>/export``."""
+    """One process: metrics in ``<run_dir>/metrics.jsonl`` (a :class:`MetricsLog`: epochs replayed after a resume
+    replace their earlier lines), checkpoints published as ``<run_dir>/checkpoints/step-<n>`` (the newest
+    ``num_to_keep`` kept), the export at ``<run_dir>/export``."""
 
     def __init__(self, run_dir: str, num_to_keep: int = 2, resume: bool = True, device: str | None = None):
         if dist.is_distributed():
@@ -48,13 +49,11 @@ class LocalRuntime:
         self.num_to_keep = num_to_keep
         self.resume = resume
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.history: list[dict[str, Any]] = []
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        self.metrics_log = MetricsLog(run_dir)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        self.history.append(dict(metrics))
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        self.metrics_log.append(metrics)
         log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if checkpoint_dir is None:
             return
@@ -67,6 +66,9 @@ class LocalRuntime:
     def latest_checkpoint(self) -> str | None:
         found = self._checkpoints() if self.resume else []
         return found[-1] if found else None
+
+    def close(self) -> None:
+        self.metrics_log.close()
 
     def _checkpoints(self) -> list[str]:
         root = os.path.join(self.run_dir, "checkpoints")

@@ -1,7 +1,8 @@
 """The global batch order: random batches, then batches of whole clusters of similar queries (hard negatives).
 
-Every rank builds the same list of global batches from (seed, epoch, cluster assignment) and takes its slice of each
-(:func:`rank_slice`), so N workers see exactly the batches one worker would. Epochs are counted from 0.
+Every rank builds the same list of global batches from (seed, epoch, cluster assignment), so N workers see exactly
+the batches one worker would; the step (:func:`vixml_ray.train.step.make_step_batch`) then gives each rank a
+contiguous share (:func:`slice_bounds`) of the batch's queries and labels together. Epochs are counted from 0.
 """
 
 from __future__ import annotations
@@ -33,12 +34,6 @@ class ClusterSchedule:
     def refresh(self, epoch: int) -> bool:
         """Whether clusters are computed anew from fresh embeddings at the start of ``epoch``."""
         return epoch >= self.cfg.start_epoch and (epoch - self.cfg.start_epoch) % self.cfg.refresh_every == 0
-
-    def last_refresh(self, epoch: int) -> int | None:
-        """The latest refresh epoch <= ``epoch`` (None before the start)."""
-        if epoch < self.cfg.start_epoch:
-            return None
-        return epoch - (epoch - self.cfg.start_epoch) % self.cfg.refresh_every
 
 
 class GlobalBatchSampler:
@@ -130,12 +125,6 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ids = state["cluster_ids"]
         self.set_clusters(None if ids is None else np.asarray(ids, dtype=np.int64), state["cluster_size"])
-
-
-def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Rank ``rank``'s contiguous share of a global batch; the shares of all ranks partition it in order."""
-    bounds = slice_bounds(len(batch), world_size)
-    return batch[bounds[rank] : bounds[rank + 1]]
 
 
 def slice_bounds(n: int, world_size: int) -> np.ndarray:

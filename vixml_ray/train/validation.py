@@ -1,7 +1,14 @@
-"""Embedding many rows across ranks without gradients, and brute-force retrieval metrics during training.
+"""Embedding many rows across ranks without gradients, and the metrics the training loop reports (``val_*`` after
+epochs, ``test_*`` at the end).
 
 Every rank embeds an equal share of the rows (padded with repeats, so under ZeRO-3 every rank runs the same number
 of forward calls) and the shares are all-gathered; every rank then holds the same embeddings and metrics.
+
+These are NOT the numbers of :func:`vixml_ray.eval.evaluate.evaluate` (the evaluation job), although both score the
+test split with the same metrics, filter pairs and propensities (from every TRAIN row): here the top-k comes from a
+brute-force torch ``topk`` over all labels embedded in the training process (exact; ties in torch's order), never
+retrieval-augmented; ``evaluate`` embeds with the published export in Ray Data and searches the sharded index
+(``index.*``: exact or approximate, ties in the index's order), retrieval-augmented with ``infer.raa.enabled``.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ def embed_rows(embedder: Embedder, tokens: TokenArrays, images: FeatureBank | No
     return gathered[: len(rows)]
 
 
-def retrieve(queries: np.ndarray, labels: np.ndarray, k: int, device: torch.device,
-             max_scores: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` labels by inner product: (ids int64 [n, k], scores float32 [n, k]), best first."""
+def exact_top_k(queries: np.ndarray, labels: np.ndarray, k: int, device: torch.device,
+                max_scores: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` labels by inner product, brute force in torch: (ids int64 [n, k], scores float32 [n, k]),
+    best first."""
     k = min(k, len(labels))
     label_t = torch.as_tensor(labels, device=device)
     step = max(1, max_scores // max(1, len(labels)))
@@ -54,12 +62,13 @@ def retrieve(queries: np.ndarray, labels: np.ndarray, k: int, device: torch.devi
     return ids, scores
 
 
-def retrieval_metrics(query_emb: np.ndarray, label_emb: np.ndarray, truth: sp.csr_matrix, k: int, topk: int,
-                      device: torch.device, inv_propensity: np.ndarray | None = None,
-                      filter_pairs: np.ndarray | None = None, prefix: str = "") -> dict[str, float]:
-    """``{prefix}P@j``, ``nDCG@j``, ``R@j`` (and ``PSP@j``) for j in 1..k, in percent, from brute-force top-``topk``
-    with the ``filter_pairs`` (query row, label) removed from the predictions."""
-    ids, scores = retrieve(query_emb, label_emb, max(k, topk), device)
+def validation_metrics(query_emb: np.ndarray, label_emb: np.ndarray, truth: sp.csr_matrix, k: int, topk: int,
+                       device: torch.device, inv_propensity: np.ndarray | None = None,
+                       filter_pairs: np.ndarray | None = None, prefix: str = "") -> dict[str, float]:
+    """The training loop's ``{prefix}P@j``, ``nDCG@j``, ``R@j`` (and ``PSP@j``) for j in 1..k, in percent, from the
+    :func:`exact_top_k` ``topk`` labels with the ``filter_pairs`` (query row, label) removed from the predictions
+    (how they differ from the evaluation job's: see the module docstring)."""
+    ids, scores = exact_top_k(query_emb, label_emb, max(k, topk), device)
     if filter_pairs is not None and len(filter_pairs):
         ids, scores = filter_predictions(ids, scores, filter_pairs)
     if ids.shape[1] < k:  # fewer labels than k: pad with "no prediction"

@@ -170,7 +170,7 @@ def write_report(base: Config, space: SearchSpace, experiment: str, rows: Sequen
         storage.write_text(storage.join(staging, CSV_FILE), to_csv(rows, keys, metrics))
         storage.write_text(storage.join(staging, MARKDOWN_FILE),
                            to_markdown(rows, keys, metrics, f"Sweep {base.tune.name}: trials by {metric}"))
-        _write_bytes(storage.join(staging, PLOT_FILE), plot(rows, keys, metric))
+        storage.write_bytes(storage.join(staging, PLOT_FILE), plot(rows, keys, metric))
         save_config(apply_choices(base, best.choices), storage.join(staging, BEST_CONFIG_FILE))
     final = storage.resolve(report)
     return {
@@ -189,8 +189,3 @@ def write_report(base: Config, space: SearchSpace, experiment: str, rows: Sequen
         "experiment": experiment,
     }
 
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    fs, path = storage.filesystem(uri)
-    with fs.open_output_stream(path) as f:
-        f.write(data)

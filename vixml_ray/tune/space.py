@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vixml_ray.config import Config, replace
+from vixml_ray.config import Config, flatten, replace
 from vixml_ray.errors import ConfigError
 from vixml_ray.tune.presets import preset
 
@@ -102,17 +102,16 @@ def search_space(cfg: Config) -> SearchSpace:
     return SearchSpace(tuple(specs.values()))
 
 
-def _flatten(node: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+def _flatten(node: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Dotted key -> spec mapping; a mapping of mappings that names no spec kind is a namespace of further keys."""
-    out: dict[str, Any] = {}
-    for name, value in node.items():
-        key = f"{prefix}{name}"
+    def is_spec(value: Any) -> bool:
+        return isinstance(value, Mapping) and bool(set(value) & set(KINDS)
+                                                   or not all(isinstance(v, Mapping) for v in value.values()))
+
+    out = flatten(node, is_spec)
+    for key, value in out.items():
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: '{key}' must map to a spec such as {{grid: [...]}}, got {value!r}")
-        if set(value) & set(KINDS) or not all(isinstance(v, Mapping) for v in value.values()):
-            out[key] = value
-        else:
-            out.update(_flatten(value, where, key + "."))
     return out
 
 

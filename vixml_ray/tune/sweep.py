@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from vixml_ray import storage
-from vixml_ray.config import Config, save_config, to_yaml
+from vixml_ray.config import Config, flatten, save_config, to_yaml
 from vixml_ray.errors import ConfigError
 from vixml_ray.pipeline import ensure_dataset
 from vixml_ray.ray_utils import init_ray_for
@@ -141,23 +141,13 @@ def _check_same_sweep(cfg: Config, experiment: str) -> None:
     saved_path = storage.join(experiment, SWEEP_CONFIG)
     if not storage.exists(saved_path):
         raise ConfigError(f"{experiment} holds a Tune experiment that is not a vixml-ray sweep (no {SWEEP_CONFIG})")
-    saved = _flat(OmegaConf.to_container(OmegaConf.create(storage.read_text(saved_path))))
-    current = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    saved = flatten(OmegaConf.to_container(OmegaConf.create(storage.read_text(saved_path))))
+    current = flatten(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
     for key in sorted(set(saved) | set(current)):
         if not key.startswith(DEFINING) or saved.get(key) == current.get(key):
             continue
         raise ConfigError(f"{experiment} is a sweep of another config ('{key}' was {saved.get(key)!r}, now "
                           f"{current.get(key)!r}): pick another tune.name or remove that directory")
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> leaf value of a nested mapping."""
-    if not isinstance(node, dict) or not node:
-        return {prefix.rstrip("."): node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
 
 
 class TrialLog(tune.Callback):

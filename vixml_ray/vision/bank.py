@@ -15,7 +15,6 @@ import tempfile
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 
 from vixml_ray import storage
@@ -46,9 +45,9 @@ class FeatureBank:
                                                 f"expected [n, {dim}]")
 
     @classmethod
-    def open(cls, dataset_uri: str, model_slug: Optional[str] = None, local_dir: Optional[str] = None) -> "FeatureBank":
-        """The bank of ``model_slug`` (default: the dataset's only feature cache). ``local_dir`` is where a bank on
-        an object store is copied (default: a folder in the system temp dir named by its URI)."""
+    def open(cls, dataset_uri: str, model_slug: Optional[str] = None) -> "FeatureBank":
+        """The bank of ``model_slug`` (default: the dataset's only feature cache); a bank on an object store is
+        copied once into a folder of the system temp dir named by its URI."""
         ds = open_dataset(dataset_uri)
         caches = ds.features()
         if model_slug is None:
@@ -60,7 +59,9 @@ class FeatureBank:
                                             "run jobs/embed_images.py first")
         info = caches[model_slug]
         bank_uri = storage.resolve(storage.join(ds.uri, info["path"], cache.BANK_DIR))
-        return cls(_local_copy(bank_uri, local_dir), model_slug, int(info["dim"]), str(info["dtype"]))
+        key = hashlib.sha256(bank_uri.encode("utf-8")).hexdigest()[:16]
+        local = storage.local_copy(bank_uri, os.path.join(tempfile.gettempdir(), "vixml-feature-banks", key))
+        return cls(local, model_slug, int(info["dim"]), str(info["dtype"]))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (FeatureBank, (self.bank_dir, self.slug, self.dim, self.dtype))
@@ -71,9 +72,6 @@ class FeatureBank:
 
     def num_rows(self, split: str) -> int:
         return int(self._check(split).shape[0])
-
-    def num_images(self, split: str) -> int:
-        return int(self._emb[split].shape[0])
 
     def _check(self, split: str) -> np.ndarray:
         if split not in self._index:
@@ -96,17 +94,3 @@ class FeatureBank:
             vectors[order] = self._emb[split][wanted[order]]
             feats[mask] = vectors
         return torch.from_numpy(feats), torch.from_numpy(mask)
-
-
-def _local_copy(bank_uri: str, local_dir: Optional[str]) -> str:
-    fs, path = storage.filesystem(bank_uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    key = hashlib.sha256(bank_uri.encode("utf-8")).hexdigest()[:16]
-    target = local_dir or os.path.join(tempfile.gettempdir(), "vixml-feature-banks", key)
-    done = os.path.join(target, ".complete")
-    if not os.path.exists(done):
-        os.makedirs(target, exist_ok=True)
-        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        open(done, "w").close()
-    return target

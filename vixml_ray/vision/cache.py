@@ -9,8 +9,8 @@
 
 A shard is complete when its file exists, its footer carries the metadata it was written with (shard index, row
 count, digest of its input rows, model fingerprint) and these match the current input and model; anything else
-(absent, half-written, stale) is recomputed. Shards are written to a temporary name and renamed on local disk (one
-PUT on object stores), so a killed run leaves no half-written shard under its final name.
+(absent, half-written, stale) is recomputed. Shards are written with :func:`vixml_ray.storage.write_parquet`, so a
+killed run leaves no half-written shard under its final name.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -27,7 +25,6 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vixml_ray import storage
@@ -137,14 +134,7 @@ def shard_table(columns: dict[str, np.ndarray], dim: int, dtype: str, meta: dict
 
 def write_shard(uri: str, table: pa.Table) -> None:
     """Writes a shard so that it appears under its name complete or not at all."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+    storage.write_parquet(uri, table, compression="zstd")
 
 
 def shards_digest(specs: Iterable[ShardSpec], fingerprint: str) -> str:
@@ -205,18 +195,8 @@ def build_bank(cache_uri: str, specs: list[ShardSpec], valid_per_split: dict[str
     if unknown:
         raise ValueError(f"{cache_uri}: shards name unknown splits {sorted(unknown)} (splits: {sorted(num_rows)})")
     uris = [shard_uri(cache_uri, s) for s in specs]
-    fs, _ = storage.filesystem(cache_uri)
-    local_stage = None if isinstance(fs, pafs.LocalFileSystem) else tempfile.mkdtemp(prefix="vixml-bank-")
-    try:
-        with storage.publish(storage.join(cache_uri, BANK_DIR), overwrite=True) as staging:
-            out_dir = local_stage or storage.filesystem(staging)[1]
-            _write_bank(out_dir, uris, num_rows, valid_per_split, dim, dtype)
-            if local_stage is not None:  # object stores: build on local disk, then upload
-                pafs.copy_files(local_stage, storage.filesystem(staging)[1],
-                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    finally:
-        if local_stage is not None:
-            shutil.rmtree(local_stage, ignore_errors=True)
+    with storage.publish(storage.join(cache_uri, BANK_DIR), overwrite=True, local=True) as staging:
+        _write_bank(staging, uris, num_rows, valid_per_split, dim, dtype)
 
 
 def _write_bank(out_dir: str, uris: list[str], num_rows: dict[str, int], valid_per_split: dict[str, int], dim: int,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -27,6 +26,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from vixml_ray import storage
+from vixml_ray.config import Config
 
 HTTP_SCHEMES = ("http", "https")
 RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -161,21 +161,18 @@ class Fetcher:
         if response.status_code >= 400:
             raise FetchError("unreachable", url, f"HTTP {response.status_code} after {self.options.retries} retries")
         if cached is not None and data:
-            _write_atomic(cached, data)
+            storage.write_bytes(cached, data)
         return data
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def fetch_options(cfg: Config, base_uri: str) -> FetchOptions:
+    """How a job reads the images of ``cfg.vision``, relative paths against ``base_uri``; downloaded bytes are
+    cached in ``vision.download_cache`` (default ``<cache_dir>/downloads``)."""
+    v = cfg.vision
+    cache_dir = v.download_cache or os.path.join(cfg.cache_dir, "downloads")
+    return FetchOptions(base_uri=base_uri, timeout_s=v.http_timeout_s, retries=v.http_retries,
+                        per_host_limit=v.http_per_host_limit, threads=v.fetch_threads,
+                        cache_dir=os.path.abspath(os.path.expanduser(cache_dir)))
 
 
 @functools.lru_cache(maxsize=8)

@@ -32,7 +32,7 @@ from vixml_ray.data.dataset import Dataset, open_dataset
 from vixml_ray.errors import InputError
 from vixml_ray.ray_utils import init_ray_for
 from vixml_ray.vision import cache
-from vixml_ray.vision.fetch import FetchOptions
+from vixml_ray.vision.fetch import fetch_options
 from vixml_ray.vision.stages import EmbedActor, decode_batch
 from vixml_ray.vision.towers import feature_slug, load_preprocessor, load_tower, model_fingerprint, model_info
 
@@ -147,9 +147,7 @@ def _run_pipeline(cfg: Config, root: str, blocks: list[ray.ObjectRef], writer: S
     v = cfg.vision
     preprocess = load_preprocessor(v)
     base = root if "://" in root else os.path.abspath(root)
-    download_cache = v.download_cache or os.path.abspath(os.path.join(cfg.cache_dir, "downloads"))
-    fetch = FetchOptions(base_uri=base, timeout_s=v.http_timeout_s, retries=v.http_retries,
-                         per_host_limit=v.http_per_host_limit, threads=v.fetch_threads, cache_dir=download_cache)
+    fetch = fetch_options(cfg, base)
     decode_compute = ray.data.TaskPoolStrategy(size=v.decode_tasks) if v.decode_tasks else None
     ds = (
         ray.data.from_arrow_refs(blocks)

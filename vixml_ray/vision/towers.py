@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from vixml_ray.config import VisionConfig
+from vixml_ray.devices import DTYPES, actor_device
 from vixml_ray.errors import ConfigError
 from vixml_ray.vision import hf_backend, openclip_backend
 
 RANDOM_INIT_SEED = 0
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Preprocessor(Protocol):
@@ -41,21 +41,12 @@ def load_preprocessor(v: VisionConfig) -> Preprocessor:
     return hf_backend.preprocessor(v)
 
 
-def resolve_device(v: VisionConfig) -> torch.device:
-    """CUDA when the actor was given GPUs (an error if it cannot see one), else CPU."""
-    if v.num_gpus_per_actor > 0:
-        if not torch.cuda.is_available():
-            raise RuntimeError("vision.num_gpus_per_actor > 0 but this worker sees no CUDA device")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def resolve_dtype(v: VisionConfig, device: torch.device) -> torch.dtype:
     if v.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and v.dtype == "float16":
         raise ConfigError("invalid value for 'vision.dtype': float16 is not a CPU dtype; use float32 or bfloat16")
-    return TORCH_DTYPES[v.dtype]
+    return DTYPES[v.dtype]
 
 
 class Tower:
@@ -80,8 +71,9 @@ class Tower:
 
 
 def load_tower(v: VisionConfig, device: Optional[torch.device] = None) -> Tower:
-    """Builds or loads the tower named by ``v`` on ``device`` (default: :func:`resolve_device`)."""
-    device = device or resolve_device(v)
+    """Builds or loads the tower named by ``v`` on ``device`` (default: CUDA when the actor was given GPUs, else
+    CPU)."""
+    device = device or actor_device(v.num_gpus_per_actor, "vision.num_gpus_per_actor")
     dtype = resolve_dtype(v, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)

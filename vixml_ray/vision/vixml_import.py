@@ -52,16 +52,6 @@ def _one(names: list[str], pattern: str, source: str) -> Optional[str]:
     return matches[0] if matches else None
 
 
-def _local(uri: str, scratch: str) -> str:
-    """A local path for ``uri`` (copied into ``scratch`` when it is on remote storage): numpy loads local files."""
-    fs, path = storage.filesystem(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    target = os.path.join(scratch, os.path.basename(path))
-    pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return target
-
-
 def _entity_images(entry: Any, entity: int, where: str) -> list[int]:
     """An entity's image rows from a map entry: a list/array of ints, or -1 (or None) for none."""
     if entry is None or (np.isscalar(entry) and int(entry) == -1):
@@ -116,11 +106,13 @@ def import_vixml_features(dataset_uri: str, source: str, cfg: Config) -> dict[st
     dim = None
     with tempfile.TemporaryDirectory(prefix="vixml-import-") as scratch:
         for split, (emb_name, map_name) in found.items():
-            emb = np.load(_local(storage.join(source, emb_name), scratch), mmap_mode="r")
+            local = {name: storage.local_copy(storage.join(source, name), os.path.join(scratch, name))
+                     for name in (emb_name, map_name)}  # numpy loads local files
+            emb = np.load(local[emb_name], mmap_mode="r")
             if emb.ndim != 2 or (dim is not None and emb.shape[1] != dim):
                 raise InputError(f"{source}/{emb_name}", None, f"shape {emb.shape}, expected [n_images, {dim or 'D'}]")
             dim = int(emb.shape[1])
-            image_map = np.load(_local(storage.join(source, map_name), scratch), allow_pickle=True)
+            image_map = np.load(local[map_name], allow_pickle=True)
             rows = _split_rows(split, image_map, len(emb), ds.uids(split), f"{source}/{map_name}")
             for lo in range(0, len(rows["row"]), v.rows_per_shard):
                 part = {k: np.asarray(x[lo: lo + v.rows_per_shard]) for k, x in rows.items()}
