@@ -11,8 +11,9 @@ from vixml_ray.config import PRESET_DIR, Config, ConfigError, load_config, repla
 
 def test_defaults_and_overrides() -> None:
     cfg = load_config(None, ["train.epochs=3", "model.lora.r=8", "prompt.sequence=[E,EOS]"])
-    assert isinstance(cfg, Config)
     assert cfg.train.epochs == 3 and cfg.model.lora.r == 8 and cfg.prompt.sequence == ["E", "EOS"]
+    changes = {"train.epochs": 3, "model.lora.r": 8, "prompt.sequence": ["E", "EOS"]}
+    assert cfg == replace(Config(), **changes)  # everything else is the schema's default
 
 
 @pytest.mark.parametrize(

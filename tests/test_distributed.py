@@ -1,8 +1,9 @@
 """Ray Train end to end on 2 CPU workers (tiny Qwen2 + LoRA + early image fusion, the ``tiny`` preset shrunk):
 DDP, DeepSpeed ZeRO-2 and ZeRO-3 finish and learn; 1 and 2 workers compute the same losses on the same global
-batches, and those are the golden losses pinned here; a run whose worker is SIGKILLed recovers from its last checkpoint (FailureConfig) and a failed run re-run
-under the same name resumes, both repeating the uninterrupted run's losses; under ZeRO-3 + LoRA the checkpoint and
-the inference export hold the trained adapter (equal to the live gathered weights), not the frozen base.
+batches, and those are the golden losses pinned here; a run whose worker is SIGKILLed recovers from its last
+checkpoint (FailureConfig) and a failed run re-run under the same name resumes, both repeating the uninterrupted run's
+losses; under ZeRO-3 + LoRA the checkpoint and the inference export hold the trained adapter (equal to the live
+gathered weights), not the frozen base.
 
 A TorchTrainer costs ~35 s of start-up here, so the module runs five (DDP, ZeRO-2 killed once, ZeRO-3, and a DDP
 run killed without retries then re-run) and every test reads them.
