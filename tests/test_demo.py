@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from vixml_ray.config import load_config, replace
 from vixml_ray.demo import LABELS, SHOWN, VARIANTS, run_demo, text_only_ceiling
@@ -22,7 +23,11 @@ def test_run_demo_small(ray_session: Any, tmp_path: Path, capsys: pytest.Capture
                                "data.synthetic.num_train=480", "data.synthetic.num_test=120", "train.epochs=1",
                                "train.num_workers=0"])
     chance = 100.0 / (cfg.data.synthetic.num_topics * cfg.data.synthetic.num_attributes)  # P@1 of a random ranking
-    results = run_demo(cfg)
+    threads = torch.get_num_threads()
+    try:
+        results = run_demo(cfg)
+    finally:
+        torch.set_num_threads(threads)  # the loop sets torch threads to cpus_per_worker: here, this process
 
     assert set(results) == {*VARIANTS, "plot"}
     for name in VARIANTS:
