@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED = ROOT.parent / "shared"  # CI clones the repo with a copy of shared/ beside it
+SHARED_DATA = SHARED / "data"
+PYXCLIB_GOLDEN = SHARED / "fixtures" / "pyxclib" / "golden_k10.npz"
 
 # Nothing downloads; DeepSpeed runs on CPU with its JIT ops cached in one place.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,3 +47,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def pyxclib_golden() -> dict:
+    """pyxclib's own metric outputs on seeded cases (../shared/fixtures/pyxclib/README.md): the arrays of the .npz,
+    with ``test`` and ``train`` label matrices rebuilt as CSR. Missing = a broken checkout, so it fails, not skips."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    if not PYXCLIB_GOLDEN.is_file():
+        pytest.fail(f"pyxclib golden outputs not found at {PYXCLIB_GOLDEN} (shared/ must sit beside the repository)")
+    with np.load(PYXCLIB_GOLDEN) as npz:
+        golden = {key: npz[key] for key in npz.files}
+    for name in ("test", "train"):
+        indices = golden[f"{name}_indices"]
+        golden[name] = sp.csr_matrix((np.ones(len(indices), np.float32), indices, golden[f"{name}_indptr"]),
+                                     shape=tuple(golden[f"{name}_shape"]))
+    return golden

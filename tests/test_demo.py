@@ -1,28 +1,57 @@
-"""The demo's report: the comparison table, the PNG and the text-only ceiling (the pipeline itself is `make demo`)."""
+"""The demo behind ``make demo`` run for real at a small size (fewer items, 1 epoch): both variants train, index,
+evaluate and report; the table printed and the PNG written hold the returned figures. The text-only ceiling applies
+to the built-in synthetic data only."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
 from vixml_ray.config import load_config, replace
-from vixml_ray.demo import VARIANTS, comparison_table, plot_comparison, text_only_ceiling
-
-RESULTS = {
-    "text_only": {"P@1": 19.67, "P@5": 17.87, "PSP@5": 89.21, "train_s": 9.2, "train_wall_s": 38.0},
-    "text_image": {"P@1": 71.0, "P@5": 19.47, "PSP@5": 97.32, "train_s": 6.9, "train_wall_s": 27.5},
-}
+from vixml_ray.demo import LABELS, SHOWN, VARIANTS, run_demo, text_only_ceiling
 
 
-def test_table_has_one_row_per_variant_in_order():
-    lines = comparison_table(RESULTS).splitlines()
-    assert lines[0] == "| variant | P@1 | P@5 | PSP@5 | train s | with Ray start-up s |"
-    assert lines[2:] == ["| text-only | 19.67 | 17.87 | 89.21 | 9.2 | 38.0 |",
-                         "| text+image | 71.00 | 19.47 | 97.32 | 6.9 | 27.5 |"]
-    assert len(lines) == 2 + len(VARIANTS)
+@pytest.mark.slow
+def test_run_demo_small(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # training in the driver (num_workers=0) spares two Ray Train start-ups; the 2-worker path is test_distributed's
+    # (and gives these runs' losses and metrics too: the same global batches)
+    cfg = load_config("demo", [f"out_dir={tmp_path / 'demo'}", f"cache_dir={tmp_path / 'cache'}",
+                               "data.synthetic.num_train=480", "data.synthetic.num_test=120", "train.epochs=1",
+                               "train.num_workers=0"])
+    chance = 100.0 / (cfg.data.synthetic.num_topics * cfg.data.synthetic.num_attributes)  # P@1 of a random ranking
+    threads = torch.get_num_threads()
+    try:
+        results = run_demo(cfg)
+    finally:
+        torch.set_num_threads(threads)  # the loop sets torch threads to cpus_per_worker: here, this process
 
+    assert set(results) == {*VARIANTS, "plot"}
+    for name in VARIANTS:
+        row = results[name]
+        assert set(row) == {*SHOWN, "train_s", "train_wall_s"}, name
+        assert all(0.0 <= row[key] <= 100.0 for key in SHOWN), row
+        # one label per item: the top 5 hold at most one hit (P@5 <= 20) and hold the top 1's (P@5 >= P@1 / 5)
+        assert row["P@1"] / 5 - 0.01 <= row["P@5"] <= 20.0 and row["PSP@5"] > 0.0, row
+        assert row["P@1"] > 5 * chance, row  # one epoch learns something (measured: 14 text-only, 22 with images)
+        assert 0.0 < row["train_s"] <= row["train_wall_s"], row
+        variant_dir = tmp_path / "demo" / name
+        assert (variant_dir / "label-index").is_dir()
+        at_k = json.loads((variant_dir / "eval" / "metrics.json").read_text())["at_k"]  # what evaluate wrote
+        shown = [key.split("@") for key in SHOWN]
+        assert [row[key] for key in SHOWN] == [round(100 * at_k[metric][int(k) - 1], 2) for metric, k in shown]
+        assert at_k["R"][4] == pytest.approx(5 * at_k["P"][4])  # one label per item: R@5 = 5 P@5
+    assert results["plot"] == str(tmp_path / "demo" / "demo.png")
+    assert Path(results["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-def test_plot_writes_a_png(tmp_path):
-    path = plot_comparison(RESULTS, str(tmp_path / "sub" / "demo.png"), ceiling=25.0)
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    for name in VARIANTS:
+        line = next(line for line in printed.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        assert f"| {results[name]['P@1']:.2f} | {results[name]['P@5']:.2f} |" in line, line
+    assert f"plot: {results['plot']}" in printed
 
 
 def test_ceiling_only_for_the_builtin_synthetic_data():

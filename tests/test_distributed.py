@@ -1,8 +1,9 @@
 """Ray Train end to end on 2 CPU workers (tiny Qwen2 + LoRA + early image fusion, the ``tiny`` preset shrunk):
 DDP, DeepSpeed ZeRO-2 and ZeRO-3 finish and learn; 1 and 2 workers compute the same losses on the same global
-batches; a run whose worker is SIGKILLed recovers from its last checkpoint (FailureConfig) and a failed run re-run
-under the same name resumes, both repeating the uninterrupted run's losses; under ZeRO-3 + LoRA the checkpoint and
-the inference export hold the trained adapter (equal to the live gathered weights), not the frozen base.
+batches, and those are the golden losses pinned here; a run whose worker is SIGKILLed recovers from its last
+checkpoint (FailureConfig) and a failed run re-run under the same name resumes, both repeating the uninterrupted run's
+losses; under ZeRO-3 + LoRA the checkpoint and the inference export hold the trained adapter (equal to the live
+gathered weights), not the frozen base.
 
 A TorchTrainer costs ~35 s of start-up here, so the module runs five (DDP, ZeRO-2 killed once, ZeRO-3, and a DDP
 run killed without retries then re-run) and every test reads them.
@@ -34,6 +35,10 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 TOLERANCE = 1e-5  # fp32, dropout off: the same maths up to summation order
+# Golden losses of this shrunk tiny preset, measured (twice, identical) on 1 worker, DDP and ZeRO-3 on 2 workers:
+# the first step's global-batch loss and the per-epoch mean losses. A change that moves them must be deliberate.
+FIRST_LOSS = 1.026696801185608
+EPOCH_LOSSES = [0.7473219633102417, 0.36471112569173175, 0.21114464766449398, 0.12694456631487067]
 PROBE_WEIGHTS, PROBE_INFO = "probe-live.safetensors", "probe-live.json"
 
 
@@ -222,18 +227,23 @@ def test_two_worker_runs_finish_and_learn(name: str, request: pytest.FixtureRequ
     assert any((run.run_dir / "tensorboard").iterdir())
 
 
-def test_one_worker_matches_two_workers(base: Config, ddp: Run, zero3: Run, tmp_path: Path) -> None:
+def test_one_worker_matches_two_workers_and_the_golden_losses(base: Config, ddp: Run, zero3: Run,
+                                                                tmp_path: Path) -> None:
     """The all-gathered loss of 2 workers is the 1-process loss of the same global batches (and so are the ZeRO
-    engines'): the same loop on one worker in this process gives the same per-epoch losses."""
+    engines'): the same loop on one worker in this process gives the same per-epoch losses, and all three give the
+    golden first loss (same seeded weights, same global batch: every rank computes the whole batch's loss)."""
     from vixml_ray.train import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(base, run_dir=str(tmp_path / "one"))
+        summary = train(base, run_dir=str(tmp_path / "one"))
     finally:
         torch.set_num_threads(threads)
     one = [json.loads(line) for line in (tmp_path / "one" / METRICS_FILE).read_text().splitlines()]
+    for first in (summary["first_loss"], ddp.summary["first_loss"], zero3.summary["first_loss"]):
+        assert first == pytest.approx(FIRST_LOSS, abs=TOLERANCE)
+    assert [h["loss"] for h in one] == pytest.approx(EPOCH_LOSSES, abs=TOLERANCE)
     _assert_same_losses(ddp.history, one)
     _assert_same_losses(zero3.history, one)
     assert ddp.summary["val_P@1"] == pytest.approx(one[-1]["val_P@1"], abs=0.5)

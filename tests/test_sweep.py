@@ -48,7 +48,7 @@ def test_presets_merge_in_order_and_space_wins() -> None:
 
 def test_every_preset_is_valid_on_the_tiny_config() -> None:
     for name in PRESETS:
-        assert search_space(_tiny(f"tune.presets=[{name}]")).keys
+        assert search_space(_tiny(f"tune.presets=[{name}]")).keys == list(PRESETS[name])
 
 
 def test_ranges_become_tune_domains() -> None:
@@ -58,7 +58,8 @@ def test_ranges_become_tune_domains() -> None:
                               "tune.space.train.cluster.initial_size.randint=[4,17]"))
     params = space.param_space()
     assert isinstance(params["train.lr_backbone"], Float) and params["train.lr_backbone"].lower == 1e-4
-    assert isinstance(params["train.cluster.initial_size"], Integer)
+    size = params["train.cluster.initial_size"]
+    assert isinstance(size, Integer) and (size.lower, size.upper) == (4, 17)
 
 
 @pytest.mark.parametrize("overrides, message", [
