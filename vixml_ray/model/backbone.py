@@ -24,9 +24,9 @@ from transformers.models.auto.modeling_auto import (
 
 from vixml_ray.config import ConfigError, LoraConfig, ModelConfig
 from vixml_ray.model import tiny
+from vixml_ray.model.precision import DTYPES
 
 PACKAGED = {"packaged:all-MiniLM-L6-v2"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
