@@ -126,10 +126,12 @@ class Trainer:
                 "samples_per_s": queries / seconds if seconds > 0 else 0.0, "epoch_s": seconds,
                 "cluster_size": self.sampler.cluster_size or 0, **self.engine.learning_rates(),
             }
-            if not stop and self.state.batch == 0 and self.state.epoch < train.epochs:
-                stop = self._reached_limit(upcoming=self._start_epoch_s(self.state.epoch))  # the next epoch's start
+            validate_now = len(self.inputs.val_rows) > 0 and (epoch + 1) % train.eval_every_epochs == 0
+            if not stop and self.state.batch == 0 and self.state.epoch < train.epochs:  # room for another epoch?
+                stop = self._reached_limit(upcoming=self._start_epoch_s(self.state.epoch)
+                                           + (self._validation_s() if validate_now else 0.0))
             last = stop or self.state.epoch >= train.epochs
-            if len(self.inputs.val_rows) and (last or (epoch + 1) % train.eval_every_epochs == 0):
+            if len(self.inputs.val_rows) and (last or validate_now):
                 metrics.update(self.validate())
             self.state.history.append(metrics)
             if last or (epoch + 1) % train.checkpoint_every_epochs == 0:
@@ -160,13 +162,16 @@ class Trainer:
             return rows * self._embed_s_per_row
         return rows * self._step_s_per_item / 3 if self._step_s_per_item is not None else 0.0
 
+    def _validation_s(self) -> float:
+        """Predicted seconds of a validation: its queries and every label (0 without a validation split)."""
+        return self._pass_s(len(self.inputs.val_rows) + self.inputs.dataset.num_labels) if len(self.inputs.val_rows) \
+            else 0.0
+
     def _end_passes_s(self) -> float:
-        """Predicted seconds of what follows the last step before the test: the last validation (its queries and
-        every label) and, with prototypes, the final centroid pass over the training queries."""
-        rows = len(self.inputs.val_rows) + self.inputs.dataset.num_labels if len(self.inputs.val_rows) else 0
-        if self.engine.embedder.prototypes is not None:
-            rows += len(self.sampler.rows)
-        return self._pass_s(rows)
+        """Predicted seconds of what follows the last step before the test: the last validation and, with
+        prototypes, the final centroid pass over the training queries."""
+        centroids = self._pass_s(len(self.sampler.rows)) if self.engine.embedder.prototypes is not None else 0.0
+        return self._validation_s() + centroids
 
     def _start_epoch_s(self, epoch: int) -> float:
         """Predicted seconds of :meth:`start_epoch` (0 when it embeds nothing): a pass over the training queries,
@@ -180,9 +185,8 @@ class Trainer:
     def _embed(self, split: str, rows: np.ndarray, as_labels: bool = False) -> np.ndarray:
         """:func:`embed_rows` of ``rows`` of ``split`` with this run's model, timed (the rate predicts later passes)."""
         start = time.perf_counter()
-        emb = embed_rows(self.engine.embedder, self.inputs.tokens["label" if split == "label" else split],
-                         self.inputs.images, split, rows, self.cfg.eval.batch_size, self.runtime.device,
-                         as_labels=as_labels)
+        emb = embed_rows(self.engine.embedder, self.inputs.tokens[split], self.inputs.images, split, rows,
+                         self.cfg.eval.batch_size, self.runtime.device, as_labels=as_labels)
         if len(rows):
             self._embed_s_per_row = (time.perf_counter() - start) / len(rows)
         return emb
