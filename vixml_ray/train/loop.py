@@ -9,7 +9,8 @@ TRAIN), report, checkpoint. At the end: the test split once, and the inference e
 ``train.max_minutes`` bounds the whole training side, everything before the test: the prototypes' label clustering,
 every clustering and centroid pass, the steps, validations and checkpoints, and the final centroid pass. The loop
 stops before a step (or an epoch's start passes) when the time spent plus what must still follow (the last
-validation and centroid pass, predicted from the measured embedding rate) reaches the budget. The time spent is
+validation and centroid pass, predicted from the measured embedding rate) reaches the budget; a budget smaller than
+the prototypes' set-up and final centroid pass themselves gets those two and no step. The time spent is
 carried across resumes and the decision is rank 0's; the run summary reports it as ``train_side_s``.
 """
 
@@ -81,9 +82,9 @@ class Trainer:
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
     _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() at run() minus earlier runs' time
-    # seconds per row of the latest no-grad embedding pass (None before one), per item of the steps so far, and of
-    # the latest query clustering: what predicts the passes still to come (see _reached_limit)
-    _embed_s_per_row: float | None = field(default=None, init=False, repr=False)
+    # seconds per row of the latest no-grad embedding pass (None before one; the prototypes' set-up gives the first),
+    # per item of the steps so far, and of the latest query clustering: what predicts the passes still to come
+    embed_s_per_row: float | None = None
     _step_s_per_item: float | None = field(default=None, init=False, repr=False)
     _cluster_s: float = field(default=0.0, init=False, repr=False)
 
@@ -158,8 +159,8 @@ class Trainer:
     def _pass_s(self, rows: int) -> float:
         """Predicted seconds of a no-grad embedding pass over ``rows`` rows: the latest pass's rate, else a third of
         the training steps' time per embedded item (a forward without backward), else 0."""
-        if self._embed_s_per_row is not None:
-            return rows * self._embed_s_per_row
+        if self.embed_s_per_row is not None:
+            return rows * self.embed_s_per_row
         return rows * self._step_s_per_item / 3 if self._step_s_per_item is not None else 0.0
 
     def _validation_s(self) -> float:
@@ -188,7 +189,7 @@ class Trainer:
         emb = embed_rows(self.engine.embedder, self.inputs.tokens[split], self.inputs.images, split, rows,
                          self.cfg.eval.batch_size, self.runtime.device, as_labels=as_labels)
         if len(rows):
-            self._embed_s_per_row = (time.perf_counter() - start) / len(rows)
+            self.embed_s_per_row = (time.perf_counter() - start) / len(rows)
         return emb
 
     def start_epoch(self, epoch: int) -> None:
@@ -372,7 +373,8 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     trainer = Trainer(cfg=cfg, runtime=runtime, inputs=inputs, engine=make_engine(cfg, embedder, total, runtime.device),
                       sampler=sampler, positives=positives, schedule=schedule,
                       loss_cfg=TripletLossConfig.from_train(train), total_steps=total,
-                      prime=PrimeLossConfig.from_train(train) if embedder.prototypes is not None else None)
+                      prime=PrimeLossConfig.from_train(train) if embedder.prototypes is not None else None,
+                      embed_s_per_row=setup_s / inputs.dataset.num_labels if setup_s else None)
     if resume:
         trainer.restore(resume)
     else:
