@@ -1,18 +1,26 @@
 """Retrieval quality of the PRIME additions on a real dataset: the plain Siamese embedder, + label prototypes, and
-+ prototypes with retrieval-augmented inference, each trained within the same budget of M minutes.
++ prototypes with retrieval-augmented inference, each trained within the same budget of M minutes, over N seeds.
 
 Every configuration runs the production path: Ray Train (``vixml_ray.train.ray_train.fit``) with
-``train.max_minutes = M`` (the loop stops at the budget after the step that reaches it, then validates, tests and
-exports; a preset whose ``train.epochs`` fit the budget keeps its full LR schedule), then ``refresh_labels`` into a
-versioned label index (prototype vectors when the model has them; with retrieval augmentation the version also holds
-the training queries' embeddings), then ``evaluate`` (sharded FAISS top-100, filter pairs removed, pyxclib metrics).
-``prototypes_raa`` is the ``prototypes`` model evaluated with ``infer.raa.enabled`` against the same index version.
+``train.max_minutes = M``, which bounds the whole training side, everything a variant does before its test (the
+prototypes' label clustering, the query clustering and centroid passes, the steps, validations, checkpoints and the
+final centroid pass; see :mod:`vixml_ray.train.loop`). A preset whose ``train.epochs`` fit the budget keeps its full
+LR schedule. Then ``refresh_labels`` into a versioned label index (prototype vectors when the model has them; with
+retrieval augmentation the version also holds the training queries' embeddings), then ``evaluate`` (sharded FAISS
+top-100, filter pairs removed, pyxclib metrics). ``prototypes_raa`` is the ``prototypes`` model evaluated with
+``infer.raa.enabled`` against the same index version. Each variant trains ``--seeds`` times, with ``train.seed`` =
+the config's seed + 0, 1, ...; every run prints its own JSON line.
 
-    python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--out DIR] [key=value ...]
+    python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--seeds N] [--out DIR] [key=value ...]
 
-e.g. ``python bench/quality.py --dataset /tmp/cooking --preset minilm-cpu --minutes 20`` (prepare the dataset with
-``jobs/prepare_data.py`` first). Last line: JSON ``{"plain": {...}, "prototypes": {...}, "prototypes_raa": {...}}``,
-each with ``P@1``, ``P@5``, ``nDCG@5``, ``PSP@5`` (percent, test split) and ``train_s``.
+e.g. ``python bench/quality.py --dataset /tmp/cooking --preset minilm-cpu --minutes 10 --seeds 3`` (prepare the
+dataset with ``jobs/prepare_data.py`` first; a nameless catalogue, whose labels' text is their uid, with
+``jobs/prepare_data.py --source DIR --out DIR data.label_text=uid``). Last line: JSON ``{"plain": {...},
+"prototypes": {...}, "prototypes_raa": {...}, ...}``, each with the MEAN over seeds of ``P@1``, ``P@5``,
+``nDCG@5``, ``PSP@5`` (percent, test split), ``train_side_s`` (the loop's training-side seconds: what the budget
+bounds), ``train_s`` (the wall time of ``fit``, Ray start-up, data loading, test and export included), ``steps``
+and ``epochs``, the sample standard deviation of each as ``<key>_std`` (0 for one seed), and ``seeds``; beside
+them the dataset, its ``label_text`` (``text`` or ``uid``), ``minutes`` and the bench's ``seconds``.
 """
 
 from __future__ import annotations
@@ -29,15 +37,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from vixml_ray.config import Config, load_config, replace  # noqa: E402
+from vixml_ray.data import open_dataset  # noqa: E402
 from vixml_ray.eval.evaluate import evaluate  # noqa: E402
 from vixml_ray.index.refresh import refresh_labels  # noqa: E402
 from vixml_ray.ray_utils import init_ray_for  # noqa: E402
 from vixml_ray.train.ray_train import fit  # noqa: E402
 
 SHOWN = ("P@1", "P@5", "nDCG@5", "PSP@5")
+PER_RUN = ("train_side_s", "train_s", "steps", "epochs")
 
 
 def percent(summary: dict) -> dict[str, float]:
@@ -45,48 +56,70 @@ def percent(summary: dict) -> dict[str, float]:
 
 
 def run_variant(cfg: Config, name: str, work: str, raa_too: bool) -> dict[str, dict]:
-    """Trains ``cfg`` as run ``name``, refreshes its label index and evaluates it (also with retrieval augmentation
-    when ``raa_too``); returns ``{name: metrics}`` (and ``{name}_raa``)."""
-    shutil.rmtree(os.path.join(work, name), ignore_errors=True)  # a fresh run, not a resumed one
+    """Trains ``cfg`` as run ``{name}-seed{train.seed}``, refreshes its label index and evaluates it (also with
+    retrieval augmentation when ``raa_too``); returns ``{name: metrics}`` (and ``{name}_raa``)."""
+    run = f"{name}-seed{cfg.train.seed}"
+    shutil.rmtree(os.path.join(work, run), ignore_errors=True)  # a fresh run, not a resumed one
     start = time.perf_counter()
-    summary = fit(cfg, run_name=name)
-    train_s = round(time.perf_counter() - start, 1)
+    summary = fit(cfg, run_name=run)
+    cost = {"train_side_s": summary["train_side_s"], "train_s": round(time.perf_counter() - start, 1),
+            "steps": summary["steps"], "epochs": summary["epochs"]}
     export = summary["checkpoint"]
-    index_dir = os.path.join(work, name, "label-index")
+    index_dir = os.path.join(work, run, "label-index")
     raa = replace(cfg, **{"infer.raa.enabled": True})
     refresh_labels(export, cfg.data.dataset, index_dir, raa if raa_too else cfg)
-    results = {name: {**percent(evaluate(export, cfg.data.dataset, os.path.join(work, name, "eval"),
-                                         index_dir=index_dir, cfg=cfg, overwrite=True)),
-                      "train_s": train_s, "epochs": summary["epochs"], "steps": summary["steps"]}}
+    results = {name: {**percent(evaluate(export, cfg.data.dataset, os.path.join(work, run, "eval"),
+                                         index_dir=index_dir, cfg=cfg, overwrite=True)), **cost}}
     if raa_too:
-        metrics = evaluate(export, cfg.data.dataset, os.path.join(work, name, "eval-raa"), index_dir=index_dir,
+        metrics = evaluate(export, cfg.data.dataset, os.path.join(work, run, "eval-raa"), index_dir=index_dir,
                            cfg=raa, overwrite=True)
-        results[f"{name}_raa"] = {**percent(metrics), "train_s": train_s}
-    for key, value in results.items():
-        print(json.dumps({"variant": key, **value}), flush=True)
+        results[f"{name}_raa"] = {**percent(metrics), **cost}
     return results
+
+
+def aggregate(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of every figure over the runs of one variant, and its sample standard deviation as ``<key>_std``."""
+    out: dict[str, float] = {}
+    for key in (*SHOWN, *PER_RUN):
+        values = np.asarray([run[key] for run in runs], dtype=np.float64)
+        out[key] = round(float(values.mean()), 2)
+        out[f"{key}_std"] = round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 2)
+    return out
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a prepared dataset directory (jobs/prepare_data.py)")
     parser.add_argument("--preset", required=True, help="training preset name or YAML file (e.g. minilm-cpu)")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per configuration")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training-side budget per run")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per variant (train.seed + 0, 1, ...)")
     parser.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every configuration")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     logging.basicConfig(level=logging.WARNING)
+    dataset = os.path.abspath(args.dataset)
+    label_text = open_dataset(dataset).manifest.get("label_text", "text")
     work = os.path.abspath(args.out or tempfile.mkdtemp(prefix="vixml-bench-quality-"))
-    cfg = load_config(args.preset, [*args.overrides, f"data.dataset={os.path.abspath(args.dataset)}",
-                                    f"out_dir={work}", f"train.max_minutes={args.minutes}"])
+    cfg = load_config(args.preset, [*args.overrides, f"data.dataset={dataset}", f"out_dir={work}",
+                                    f"train.max_minutes={args.minutes}"])
+    seeds = [cfg.train.seed + i for i in range(args.seeds)]
+    variants = {"plain": ({"model.prototypes.enabled": False}, False),
+                "prototypes": ({"model.prototypes.enabled": True}, True)}
+    runs: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
     try:
         init_ray_for(cfg)
-        result = run_variant(replace(cfg, **{"model.prototypes.enabled": False}), "plain", work, raa_too=False)
-        result.update(run_variant(replace(cfg, **{"model.prototypes.enabled": True}), "prototypes", work,
-                                  raa_too=True))
-        result["minutes"] = args.minutes
-        result["seconds"] = round(time.perf_counter() - started, 1)
+        for seed in seeds:  # seed-major: a drift of the shared machine's load spreads over every variant alike
+            for name, (changes, raa_too) in variants.items():
+                variant_cfg = replace(cfg, **changes, **{"train.seed": seed})
+                for variant, value in run_variant(variant_cfg, name, work, raa_too).items():
+                    runs.setdefault(variant, []).append(value)
+                    print(json.dumps({"variant": variant, "seed": seed, **value}), flush=True)
+        result: dict = {name: {**aggregate(values), "seeds": seeds} for name, values in runs.items()}
+        result.update({"dataset": dataset, "label_text": label_text, "minutes": args.minutes,
+                       "seconds": round(time.perf_counter() - started, 1)})
     finally:
         if ray.is_initialized():
             ray.shutdown()

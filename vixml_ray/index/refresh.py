@@ -38,7 +38,7 @@ import ray
 from vixml_ray import storage
 from vixml_ray.config import Config, save_config
 from vixml_ray.data.dataset import Dataset, open_dataset
-from vixml_ray.errors import IncompatibleArtifactError, InputError
+from vixml_ray.errors import InputError
 from vixml_ray.index.tables import (
     LABELS_FILE,
     QUERIES_FILE,

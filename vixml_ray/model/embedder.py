@@ -17,6 +17,7 @@ and buffers (label clusters, centroids).
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 from vixml_ray import storage
 from vixml_ray.config import Config, read_config, to_yaml
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
+from vixml_ray import devices
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
 from vixml_ray.model.prototypes import LabelPrototypes
@@ -36,7 +38,8 @@ EXPORT_FORMAT = 1
 
 
 class Embedder(nn.Module):
-    """``forward(text_ids, text_lengths, image_feats=None, image_mask=None) -> float32 [B, hidden]``, unit norm."""
+    """``forward(text_ids, text_lengths, image_feats=None, image_mask=None) -> float32 [B, hidden]``, unit norm
+    (computed in ``model.compute_dtype``, pooled in fp32)."""
 
     def __init__(self, cfg: Config, image_dim: int | None, num_labels: int | None = None):
         super().__init__()
@@ -97,19 +100,26 @@ class Embedder(nn.Module):
             embeds = torch.where((layout.kind == IMAGE_KIND)[..., None], image_embeds, embeds)
         return embeds, layout
 
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of this model's forward on ``device`` (``model.compute_dtype``, see
+        :mod:`vixml_ray.devices`)."""
+        return devices.autocast(self.cfg.model.compute_dtype, self.cfg.model.dtype, device)
+
     def forward(self, text_ids: torch.Tensor, text_lengths: torch.Tensor, image_feats: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        embeds, layout = self.assemble(text_ids, text_lengths, image_feats, image_mask)
-        mask = layout.attention_mask
-        extra = {"use_cache": False} if self.kind == "decoder" else {}
-        hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
-        return F.normalize(pool(hidden, layout.lengths, self.pooling).float(), dim=-1)
+        with self.autocast(text_ids.device):
+            embeds, layout = self.assemble(text_ids, text_lengths, image_feats, image_mask)
+            mask = layout.attention_mask
+            extra = {"use_cache": False} if self.kind == "decoder" else {}
+            hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
+        return F.normalize(pool(hidden.float(), layout.lengths, self.pooling), dim=-1)
 
     def label_vectors(self, text_emb: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
         """The vectors labels are scored with: their prototypes when the model has them, else ``text_emb``."""
         if self.prototypes is None:
             return text_emb
-        return self.prototypes(text_emb, label_rows)
+        with self.autocast(text_emb.device):
+            return self.prototypes(text_emb, label_rows)
 
     # ---------------------------------------------------------------------------------------------- training
     def param_groups(self, lr_backbone: float, lr_projection: float, weight_decay: float,

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from vixml_ray.config import Config
 from vixml_ray.devices import actor_device
-from vixml_ray.errors import ConfigError, IncompatibleArtifactError
+from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
 from vixml_ray.index.raa import search_labels, served_parts
 from vixml_ray.index.versions import check_embedded_by

@@ -5,6 +5,13 @@ the model is stepped through an :class:`~vixml_ray.train.engine.Engine` (plain/D
 is the same whatever runs it. Per epoch: update the clusters by the schedule (and, with PRIME prototypes, every
 label's centroid of its training queries' embeddings), run the global batches, validate (P@k on a split carved from
 TRAIN), report, checkpoint. At the end: the test split once, and the inference export.
+
+``train.max_minutes`` bounds the whole training side, everything before the test: the prototypes' label clustering,
+every clustering and centroid pass, the steps, validations and checkpoints, and the final centroid pass. The loop
+stops before a step (or an epoch's start passes) when the time spent plus what must still follow (the last
+validation and centroid pass, predicted from the measured embedding rate) reaches the budget; a budget smaller than
+the prototypes' set-up and final centroid pass themselves gets those two and no step. The time spent is
+carried across resumes and the decision is rank 0's; the run summary reports it as ``train_side_s``.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ class LoopState:
     epoch: int = 0
     batch: int = 0
     step: int = 0
-    train_s: float = 0.0  # seconds spent in run() so far, over every (resumed) process: the max_minutes budget
+    train_s: float = 0.0  # training-side seconds so far (set-up, run()), over every (resumed) process: the budget
     first_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -104,19 +111,24 @@ class Trainer:
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
     _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() at run() minus earlier runs' time
+    # seconds per row of the latest no-grad embedding pass (None before one; the prototypes' set-up gives the first),
+    # per item of the steps so far, and of the latest query clustering: what predicts the passes still to come
+    embed_s_per_row: float | None = None
+    _step_s_per_item: float | None = field(default=None, init=False, repr=False)
+    _cluster_s: float = field(default=0.0, init=False, repr=False)
 
     # ----------------------------------------------------------------------------------------------- epochs
     def run(self) -> dict[str, Any]:
         train = self.cfg.train
         self._started = time.perf_counter() - self.state.train_s
-        stop = self._reached_limit()
+        stop = self._reached_limit(upcoming=self._start_epoch_s(self.state.epoch) if self.state.batch == 0 else 0.0)
         while self.state.epoch < train.epochs and not stop:
             epoch = self.state.epoch
             if self.state.batch == 0:
                 self.start_epoch(epoch)
             batches = self.sampler.epoch_batches(epoch)
             sampled = self.positives.sample(epoch)
-            losses, queries, grad_norm, start = [], 0, 0.0, time.perf_counter()
+            losses, queries, items, grad_norm, start = [], 0, 0, 0.0, time.perf_counter()
             progress = EpochProgress(epoch, len(batches), self.state.batch, train.progress_every_s)
             for index in range(self.state.batch, len(batches)):
                 batch = make_step_batch(batches[index], sampled, self.inputs.train_labels,
@@ -127,6 +139,8 @@ class Trainer:
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch}, batch {index} (step {self.state.step})")
                 losses.append(loss)
                 queries += batch.num_queries
+                items += sum(batch.sizes)
+                self._step_s_per_item = (time.perf_counter() - start) / items
                 self.state.step += 1
                 self.state.batch = index + 1
                 if self.state.first_loss is None:
@@ -144,8 +158,12 @@ class Trainer:
                 "samples_per_s": queries / seconds if seconds > 0 else 0.0, "epoch_s": seconds,
                 "cluster_size": self.sampler.cluster_size or 0, **learning_rates(self.engine.optimizer),
             }
+            validate_now = len(self.inputs.val_rows) > 0 and (epoch + 1) % train.eval_every_epochs == 0
+            if not stop and self.state.batch == 0 and self.state.epoch < train.epochs:  # room for another epoch?
+                stop = self._reached_limit(upcoming=self._start_epoch_s(self.state.epoch)
+                                           + (self._validation_s() if validate_now else 0.0))
             last = stop or self.state.epoch >= train.epochs
-            if len(self.inputs.val_rows) and (last or (epoch + 1) % train.eval_every_epochs == 0):
+            if len(self.inputs.val_rows) and (last or validate_now):
                 metrics.update(self.validate())
             self.state.history.append(metrics)
             if last or (epoch + 1) % train.checkpoint_every_epochs == 0:
@@ -154,18 +172,56 @@ class Trainer:
                 self.runtime.report(metrics)
         return self.finish()
 
-    def _reached_limit(self) -> bool:
-        """``train.max_steps`` optimiser steps done, or ``train.max_minutes`` of this process's loop spent (the
-        decision is rank 0's, so every rank stops after the same step)."""
+    def _reached_limit(self, upcoming: float = 0.0) -> bool:
+        """``train.max_steps`` optimiser steps done, or the ``train.max_minutes`` budget reached by the training-side
+        time spent plus ``upcoming`` seconds of work before the next step plus the predicted end passes (the
+        decision is rank 0's, so every rank stops at the same point)."""
         train = self.cfg.train
         if train.max_steps is not None and self.state.step >= train.max_steps:
             return True
         if train.max_minutes is None:
             return False
-        return bool(dist.broadcast_object(self._elapsed() >= 60.0 * train.max_minutes))
+        needed = self._elapsed() + upcoming + self._end_passes_s()
+        return bool(dist.broadcast_object(needed >= 60.0 * train.max_minutes))
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._started
+
+    def _pass_s(self, rows: int) -> float:
+        """Predicted seconds of a no-grad embedding pass over ``rows`` rows: the latest pass's rate, else a third of
+        the training steps' time per embedded item (a forward without backward), else 0."""
+        if self.embed_s_per_row is not None:
+            return rows * self.embed_s_per_row
+        return rows * self._step_s_per_item / 3 if self._step_s_per_item is not None else 0.0
+
+    def _validation_s(self) -> float:
+        """Predicted seconds of a validation: its queries and every label (0 without a validation split)."""
+        return self._pass_s(len(self.inputs.val_rows) + self.inputs.dataset.num_labels) if len(self.inputs.val_rows) \
+            else 0.0
+
+    def _end_passes_s(self) -> float:
+        """Predicted seconds of what follows the last step before the test: the last validation and, with
+        prototypes, the final centroid pass over the training queries."""
+        centroids = self._pass_s(len(self.sampler.rows)) if self.engine.embedder.prototypes is not None else 0.0
+        return self._validation_s() + centroids
+
+    def _start_epoch_s(self, epoch: int) -> float:
+        """Predicted seconds of :meth:`start_epoch` (0 when it embeds nothing): a pass over the training queries,
+        and a clustering as long as the latest one when the epoch clusters anew."""
+        size = self.schedule.cluster_size(epoch)
+        new_clusters = size is not None and (self.schedule.refresh(epoch) or self.sampler.cluster_size is None)
+        if not new_clusters and self.engine.embedder.prototypes is None:
+            return 0.0
+        return self._pass_s(len(self.sampler.rows)) + (self._cluster_s if new_clusters else 0.0)
+
+    def _embed(self, split: str, rows: np.ndarray, as_labels: bool = False) -> np.ndarray:
+        """:func:`embed_rows` of ``rows`` of ``split`` with this run's model, timed (the rate predicts later passes)."""
+        start = time.perf_counter()
+        emb = embed_rows(self.engine.embedder, self.inputs.tokens[split], self.inputs.images, split, rows,
+                         self.cfg.eval.batch_size, self.runtime.device, as_labels=as_labels)
+        if len(rows):
+            self.embed_s_per_row = (time.perf_counter() - start) / len(rows)
+        return emb
 
     def start_epoch(self, epoch: int) -> None:
         """Embeds the training queries once when this epoch needs them (new clusters, prototype centroids), then
@@ -181,8 +237,7 @@ class Trainer:
     def embed_training_queries(self) -> np.ndarray:
         """The current embeddings of the training queries (rows of ``sampler.rows``), the same on every rank."""
         start = time.perf_counter()
-        emb = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train",
-                         self.sampler.rows, self.cfg.eval.batch_size, self.runtime.device)
+        emb = self._embed("train", self.sampler.rows)
         log.info("embedded %d training queries in %.1f s", len(emb), time.perf_counter() - start)
         return emb
 
@@ -211,6 +266,7 @@ class Trainer:
         start = time.perf_counter()
         ids = balanced_clusters(emb, size, seed=self.cfg.train.seed + epoch) if dist.rank() == 0 else None
         ids = dist.broadcast_object(ids)
+        self._cluster_s = time.perf_counter() - start
         log.info("clustered %d queries into %d clusters of ~%d in %.1f s", len(ids), int(ids.max()) + 1, size,
                  time.perf_counter() - start)
         return ids
@@ -218,14 +274,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- evaluation
     def label_embeddings(self) -> np.ndarray:
         """The vectors labels are scored with (prototypes when the model has them)."""
-        rows = np.arange(self.inputs.dataset.num_labels)
-        return embed_rows(self.engine.embedder, self.inputs.tokens["label"], self.inputs.images, "label", rows,
-                          self.cfg.eval.batch_size, self.runtime.device, as_labels=True)
+        return self._embed("label", np.arange(self.inputs.dataset.num_labels), as_labels=True)
 
     def validate(self) -> dict[str, float]:
         rows = self.inputs.val_rows
-        queries = embed_rows(self.engine.embedder, self.inputs.tokens["train"], self.inputs.images, "train", rows,
-                             self.cfg.eval.batch_size, self.runtime.device)
+        queries = self._embed("train", rows)
         return validation_metrics(queries, self.label_embeddings(), self.inputs.train_labels[rows], k=5, topk=5,
                                   device=self.runtime.device, prefix="val_")
 
@@ -233,8 +286,7 @@ class Trainer:
         """``test_*`` metrics of the final model: propensities from every TRAIN row, as in the evaluation job (which
         searches the index instead: see :mod:`vixml_ray.train.validation`)."""
         rows = np.arange(self.inputs.dataset.num_test)
-        queries = embed_rows(self.engine.embedder, self.inputs.tokens["test"], self.inputs.images, "test", rows,
-                             self.cfg.eval.batch_size, self.runtime.device)
+        queries = self._embed("test", rows)
         inv = inverse_propensity(self.inputs.train_labels, self.cfg.eval.propensity_a, self.cfg.eval.propensity_b)
         return validation_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
                                   topk=self.cfg.eval.topk, device=self.runtime.device, inv_propensity=inv,
@@ -279,6 +331,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         if self.engine.embedder.prototypes is not None:  # the served centroids are those of the final model
             self.update_centroids(self.embed_training_queries())
+        self.state.train_s = self._elapsed()  # everything before the test
         test = self.test()
         export = self.runtime.output_dir
         self.engine.export(export)
@@ -290,6 +343,7 @@ class Trainer:
             "first_loss": self.state.first_loss,
             "final_loss": history[-1]["last_loss"] if history else None,
             "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else 0.0,
+            "train_side_s": round(self.state.train_s, 1),
             **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             **test,
         }
@@ -331,10 +385,13 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     inputs = load_inputs(cfg, load_tokenizer(cfg.model, cfg.cache_dir))
     embedder = build_embedder(cfg, inputs.image_dim, inputs.dataset.num_labels)
     resume = runtime.latest_checkpoint()
+    setup_s = 0.0  # training-side time before the loop (inside the budget; a resumed run carries its own)
     if embedder.prototypes is not None:
         embedder.label_catalogue = inputs.dataset.label_catalogue()
         if not resume:
+            start = time.perf_counter()
             init_prototypes(embedder, inputs, cfg, runtime.device)
+            setup_s = time.perf_counter() - start
     positives = PositiveSampler(inputs.train_labels, train.seed,
                                 inputs.inv_propensity if train.propensity_sampling else None)
     rows = np.intersect1d(inputs.train_rows, positives.rows_with_labels())
@@ -349,9 +406,12 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     trainer = Trainer(cfg=cfg, runtime=runtime, inputs=inputs, engine=make_engine(cfg, embedder, total, runtime.device),
                       sampler=sampler, positives=positives, schedule=schedule,
                       loss_cfg=TripletLossConfig.from_train(train), total_steps=total,
-                      prime=PrimeLossConfig.from_train(train) if embedder.prototypes is not None else None)
+                      prime=PrimeLossConfig.from_train(train) if embedder.prototypes is not None else None,
+                      embed_s_per_row=setup_s / inputs.dataset.num_labels if setup_s else None)
     if resume:
         trainer.restore(resume)
+    else:
+        trainer.state.train_s = setup_s
     return trainer
 
 
