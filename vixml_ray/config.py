@@ -50,6 +50,7 @@ class SyntheticConfig:
     missing_image_prob: float = bounded(0.1, 0.0, 1.0)
     max_images: int = bounded(3, 0, 3)
     noise_words: int = bounded(3, 0)  # topic-free filler words per item text
+    topic_zipf: float = bounded(0.0, 0.0)  # topic frequency ~ 1/(rank+1)^topic_zipf (long tail); 0 = uniform
     seed: int = 0
 
 
