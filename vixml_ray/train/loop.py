@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vixml_ray.config import Config
+from vixml_ray.data.filters import rows_pairs
 from vixml_ray.errors import ConfigError
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
@@ -229,13 +230,17 @@ class Trainer:
                                  device=self.runtime.device, prefix="val_")
 
     def test(self) -> dict[str, float]:
-        rows = np.arange(self.inputs.dataset.num_test)
+        """Brute-force metrics of the test split, or of its ``eval.sample_size`` sample (the evaluate job's rows):
+        the scan is test rows x labels, so at a million labels only a sample is affordable."""
+        eval_cfg, dataset = self.cfg.eval, self.inputs.dataset
+        rows = dataset.sample_rows("test", eval_cfg.sample_size, eval_cfg.sample_seed)
         queries = embed_rows(self.engine.embedder, self.inputs.tokens["test"], self.inputs.images, "test", rows,
-                             self.cfg.eval.batch_size, self.runtime.device)
-        return retrieval_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
-                                 topk=self.cfg.eval.topk, device=self.runtime.device,
+                             eval_cfg.batch_size, self.runtime.device)
+        return retrieval_metrics(queries, self.label_embeddings(), self.inputs.test_labels[rows], k=eval_cfg.k,
+                                 topk=eval_cfg.topk, device=self.runtime.device,
                                  inv_propensity=self.inputs.inv_propensity,
-                                 filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
+                                 filter_pairs=rows_pairs(dataset.filter_pairs(), rows),
+                                 prefix="test_")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def report_with_checkpoint(self, metrics: dict[str, Any]) -> None:
