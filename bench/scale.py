@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -80,6 +79,7 @@ class Sampler:
     """Samples the driver's RSS, the largest Ray worker's RSS and the object store's use every ``every_s``."""
 
     every_s: float = 1.0
+    store_samples: list[int] = field(default_factory=lambda: [0, 0])  # object-store samples [failed, taken]
     peaks: Peaks = field(default_factory=Peaks)
     overall: Peaks = field(default_factory=Peaks)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -112,7 +112,9 @@ class Sampler:
                     continue
             store = 0
             if time.monotonic() - last_store >= store_every:
-                store, last_store = _object_store_bytes(), time.monotonic()
+                sample, last_store = _object_store_bytes(), time.monotonic()
+                self.store_samples[sample is not None] += 1
+                store = sample or 0
             with self._lock:
                 for peaks in (self.peaks, self.overall):
                     peaks.driver_rss = max(peaks.driver_rss, driver)
@@ -120,20 +122,21 @@ class Sampler:
                     peaks.object_store = max(peaks.object_store, store)
 
 
-def _object_store_bytes() -> int:
-    """Bytes in Ray's object store (all nodes) from its memory summary; 0 when Ray is not up."""
+def _object_store_bytes() -> int | None:
+    """Bytes in Ray's object store (all nodes), from the raylet's memory info (what ``ray memory`` reads); None when
+    Ray is not up or the call failed."""
     import ray
 
     if not ray.is_initialized():
-        return 0
+        return None
     try:
-        from ray._private.internal_api import memory_summary
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
-    except Exception:  # noqa: BLE001 - a sample missed is no error
-        return 0
-    match = re.search(r"Plasma memory usage (\d+) MiB", text)
-    return int(match.group(1)) * 2**20 if match else 0
+        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address),
+                                      timeout_seconds=10.0)
+        return int(reply.store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a missed sample is counted, not fatal
+        return None
 
 
 def _bytes(path: str | Path) -> int:
@@ -375,6 +378,7 @@ def main() -> None:
         "driver_rss_gb": round(sampler.overall.driver_rss / GB, 3),
         "worker_rss_gb": round(sampler.overall.worker_rss / GB, 3),
         "object_store_gb": round(sampler.overall.object_store / GB, 3),
+        "object_store_samples": {"taken": sampler.store_samples[1], "failed": sampler.store_samples[0]},
         "metrics": {name: {k: m[k] for k in ("P@1", "P@5", "PSP@5")} for name, m in metrics.items()},
         "seconds": {s.name: round(s.seconds, 1) for s in bench.stages},
         "rates": {s.name: round(s.rate, 1) for s in bench.stages},
