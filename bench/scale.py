@@ -19,7 +19,7 @@ Stages, each a job of :mod:`vixml_ray.cli` run in this process (one local Ray fo
    every CPU (tokenised beforehand, as ``bench/index.py`` does);
 5. ``refresh``: ``refresh_labels`` of all labels with the RAA part (every training query);
 6. ``index_flat`` / ``index_ivf``: a 4-shard ``ShardedIndex`` (exact / IVF) over the version: start-up (load +
-   build) and 1,000 searches of label vectors (IVF recall@100 against exact);
+   build) and 1,000 searches of a block of label vectors (IVF recall@100 against exact);
 7. ``eval`` / ``eval_raa``: ``evaluate`` on a uniform sample of ``eval.sample_size`` test items (100,000 at full
    size), without and with retrieval augmentation;
 8. ``predict``: ``predict`` over 1,000 test queries as JSONL;
@@ -220,9 +220,9 @@ def _index_stage(index_dir: str, kind: str, shards: int, cpus: int, nlist: int, 
     from vixml_ray.index import ShardedIndex, read_manifest, read_rows
 
     manifest = read_manifest(index_dir)
-    rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(manifest.num_labels, size=min(SEARCH_QUERIES, manifest.num_labels), replace=False))
-    queries = np.concatenate([read_rows(index_dir, manifest, int(r), int(r) + 1) for r in rows])
+    n = min(SEARCH_QUERIES, manifest.num_labels)  # one block of label vectors (a read per row costs a part each)
+    lo = int(np.random.default_rng(0).integers(0, manifest.num_labels - n + 1))
+    queries = read_rows(index_dir, manifest, lo, lo + n)
     cfg = IndexConfig(num_shards=shards, kind=kind, cpus_per_shard=cpus / shards, ivf_nlist=nlist, ivf_nprobe=32)
     start = time.perf_counter()
     with ShardedIndex(index_dir, cfg) as index:
