@@ -15,6 +15,10 @@ must hold the training-query embeddings (refresh with ``infer.raa.enabled=true``
 shards serve both parts, and the filter pairs are removed after the label and neighbour scores are combined. The
 same index version serves evaluations with RAA on and off.
 
+``eval.sample_size`` evaluates a uniform sample of that many test rows (seeded by ``eval.sample_seed``): only those
+rows enter the embedding pipeline, and the metrics, the report and ``predictions.parquet`` cover them (at a million
+labels an exact scan of every test row is hours on CPU shards; a stated sample of 100,000 is minutes).
+
 The output directory (published atomically) holds ``metrics.json``, ``metrics.md``, ``metrics.png``,
 ``predictions.parquet`` (:data:`PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
 """
