@@ -123,9 +123,7 @@ def score(cfg: Config, dataset: Dataset, ids: np.ndarray, rows: np.ndarray | Non
     ``rows`` (default all)."""
     k = cfg.eval.k
     train = dataset.label_matrix("train")
-    truth = dataset.label_matrix("test")
-    if rows is not None and len(rows) < truth.shape[0]:
-        truth = truth[rows]
+    truth = dataset.label_matrix("test", rows)
     inv = inverse_propensity(train, cfg.eval.propensity_a, cfg.eval.propensity_b)
     at_k = {name: [float(x) for x in values] for name, values in xmc_metrics(ids, truth, k, inv).items()}
     train_counts = np.bincount(sp.csr_matrix(train).indices, minlength=dataset.num_labels)
