@@ -32,7 +32,7 @@ summary). Per stage: wall seconds, throughput, those peaks, bytes written. Print
 ``incremental_fraction`` (incremental seconds / full refresh seconds), ``max_rss_gb`` (any single process), per-stage
 seconds and the metrics.
 
-    python bench/scale.py --quick                 # 1/20 of the size (~10 min on 2 quiet cores)
+    python bench/scale.py --quick                 # 1/20 of the size (11 min measured on 2 shared cores, load ~15)
     python bench/scale.py --workdir /data/scale   # full size
 """
 
