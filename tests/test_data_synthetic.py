@@ -146,3 +146,15 @@ def test_prepare_data_job(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError):
         run("prepare_data", ["--source", str(raw), "--out", str(out)])
     run("prepare_data", ["--source", str(raw), "--out", str(out), "--overwrite"])
+
+
+def test_topic_zipf_gives_a_long_tail_of_distinct_labels(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.synthetic.num_train=3000", "data.synthetic.num_test=10",
+                             "data.synthetic.num_topics=500", "data.synthetic.num_attributes=1",
+                             "data.synthetic.labels_per_item=8", "data.synthetic.topic_zipf=1.0",
+                             "data.synthetic.max_images=0"])
+    generate_synthetic(str(tmp_path / "z"), cfg)
+    labels = open_dataset(str(tmp_path / "z")).table("train", ["labels"]).column("labels").to_pylist()
+    assert all(len(set(row)) == 8 == len(row) for row in labels)
+    counts = np.bincount(np.concatenate(labels), minlength=500)
+    assert counts[:5].mean() > 10 * counts[-250:].mean()  # uniform draws would give about equal counts

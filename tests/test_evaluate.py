@@ -77,7 +77,27 @@ def test_predictions_and_metrics_equal_brute_force(setup):
                              setup["cfg"].eval.propensity_b)
     for name, values in xmc_metrics(expected, truth, k, inv).items():
         assert metrics["at_k"][name] == pytest.approx(values.tolist(), abs=1e-12)
-    assert metrics["counts"] == {"queries": 24, "labels": 30, "filter_pairs": 6, "topk": topk}
+    assert metrics["counts"] == {"queries": 24, "test_items": 24, "labels": 30, "filter_pairs": 6, "topk": topk}
+
+
+def test_a_sample_embeds_and_scores_only_its_rows(setup):
+    """eval.sample_size: a seeded uniform sample of test rows is embedded (only those rows enter the pipeline),
+    retrieved and scored; its predictions are the full run's rows."""
+    from vixml_ray.config import replace
+
+    cfg = replace(setup["cfg"], **{"eval.sample_size": 9, "eval.sample_seed": 3})
+    out = setup["tmp"] / "eval-sample"
+    summary = evaluate(setup["export"], setup["dataset"], str(out), index_dir=setup["index"], cfg=cfg)
+    sample = np.sort(np.random.default_rng(3).choice(24, size=9, replace=False))
+    rows, predicted, _ = read_predictions(str(out))
+    assert rows.tolist() == sample.tolist() and summary["queries"] == 9
+    full = read_predictions(str(setup["out"]))[1]
+    assert all(np.array_equal(predicted[i], full[row]) for i, row in enumerate(sample))
+    metrics = json.loads((out / "metrics.json").read_text())
+    truth = open_dataset(setup["dataset"]).label_matrix("test")[sample]
+    assert metrics["at_k"]["P"] == pytest.approx(
+        xmc_metrics(np.stack(predicted), truth, cfg.eval.k)["P"].tolist(), abs=1e-12)
+    assert metrics["counts"]["queries"] == 9 and metrics["sample"] == {"size": 9, "seed": 3}
 
 
 def test_reports_table_plot_and_deciles(setup):

@@ -95,6 +95,27 @@ def test_centroids_are_exact_means_of_the_queries_of_each_label() -> None:
     assert not has[8]
 
 
+def test_centroids_hold_one_label_by_hidden_array() -> None:
+    """The centroids of many labels are summed in column blocks: the only [L, H] array is the float32 result (the
+    float64 sums of all of it, their quotient and its cast were 5 such arrays), with the same values."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    num_labels, hidden, rows = 40_000, 32, 2_000
+    emb = rng.normal(size=(rows, hidden)).astype(np.float32)
+    labels = sp.csr_matrix((np.ones(rows * 3), rng.integers(0, num_labels, rows * 3), np.arange(0, rows * 3 + 1, 3)),
+                           shape=(rows, num_labels))
+    one = num_labels * hidden * 4
+    tracemalloc.start()
+    centroid, has = label_centroids(emb, labels, chunk_bytes=one // 8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.5 * one, (peak, one)
+    whole, _ = label_centroids(emb, labels, chunk_bytes=1 << 40)  # one block: the plain float64 computation
+    np.testing.assert_array_equal(centroid, whole)
+    assert has.sum() == len(np.unique(labels.indices))
+
+
 def test_label_clusters_are_balanced_and_powers_of_two() -> None:
     assert num_prototype_clusters(65536, 736) == 736 and num_prototype_clusters(100, 736) == 64
     emb = np.random.default_rng(0).normal(size=(736, 8)).astype(np.float32)

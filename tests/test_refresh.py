@@ -142,3 +142,16 @@ def test_interrupted_refresh_leaves_the_current_version_serving(ray_session, set
     assert result.version == "v1" and result.ids[:, 0].tolist() == [0, 1, 2]
     assert refresh_labels(setup["export"], setup["b"], index)["version"] == "v3"  # v2 is never reused
     assert current_version(index) == "v3" and list_versions(index) == ["v1", "v3"]
+
+
+def test_training_query_hashes_leave_the_texts_behind(setup):
+    """The refresh keeps one (row, uid, hash) row per training query in the driver for the whole run: at 2.2M
+    queries their texts would double its memory, so that table holds none (same hashes as with texts)."""
+    from vixml_ray.data.dataset import open_dataset
+    from vixml_ray.index.refresh import content_hashes
+
+    dataset = open_dataset(setup["a"])
+    with_text = content_hashes(setup["cfg"], dataset, "train", None)
+    without = content_hashes(setup["cfg"], dataset, "train", None, keep_text=False)
+    assert without.column_names == ["row", "uid", "content_hash"] and "text" in with_text.column_names
+    assert without.column("content_hash").equals(with_text.column("content_hash"))

@@ -52,6 +52,7 @@ class SyntheticConfig:
     missing_image_prob: float = bounded(0.1, 0.0, 1.0)
     max_images: int = bounded(3, 0, 3)
     noise_words: int = bounded(3, 0)  # topic-free filler words per item text
+    topic_zipf: float = bounded(0.0, 0.0)  # topic frequency ~ 1/(rank+1)^topic_zipf (long tail); 0 = uniform
     seed: int = 0
 
 
@@ -242,6 +243,8 @@ class EvalConfig:
     propensity_a: float = 0.55  # Amazon 0.6/2.6, Wikipedia 0.5/0.4, otherwise 0.55/1.5
     propensity_b: float = 1.5
     batch_size: int = bounded(256, 1)
+    sample_size: Optional[int] = bounded(None, 1)  # evaluate a uniform sample of this many test items; None = all
+    sample_seed: int = 0  # the sample's seed (the same seed and size give the same rows)
 
 
 @dataclass

@@ -93,6 +93,14 @@ class Dataset:
             yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows,
                                                       columns=list(columns) if columns is not None else None)
 
+    def sample_rows(self, split: str, size: Optional[int] = None, seed: int = 0) -> np.ndarray:
+        """Sorted rows of ``split``: all (``size`` None or at least the row count), or a uniform sample of ``size``
+        rows without replacement drawn with ``seed`` (``eval.sample_size``/``eval.sample_seed``)."""
+        n = self.num_rows(split)
+        if size is None or size >= n:
+            return np.arange(n, dtype=np.int64)
+        return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
+
     def texts(self, split: str) -> list[str]:
         return self.table(split, ["text"]).column("text").to_pylist()
 

@@ -115,3 +115,13 @@ def filter_predictions(
     new_ids = np.take_along_axis(np.where(removed, -1, topk), order, axis=1)
     new_scores = np.take_along_axis(np.where(removed, -np.inf, scores).astype(scores.dtype), order, axis=1)
     return new_ids.astype(topk.dtype, copy=False), new_scores
+
+
+def rows_pairs(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The (position in ``rows``, label) pairs of ``rows`` among ``pairs`` ((row, label), sorted by row)."""
+    lo = np.searchsorted(pairs[:, 0], rows, side="left")
+    counts = np.searchsorted(pairs[:, 0], rows, side="right") - lo
+    total = int(counts.sum())
+    starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    picked = pairs[starts + np.arange(total), 1] if total else np.empty(0, dtype=np.int64)
+    return np.stack([np.repeat(np.arange(len(rows)), counts), picked], axis=1)

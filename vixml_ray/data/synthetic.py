@@ -7,7 +7,9 @@ Identity (T = ``num_topics``, A = ``num_attributes``, L = ``labels_per_item``, a
   the seed). Topic t owns words ``3t, 3t+1, 3t+2``; a shared pool of 512 noise words follows the topic words.
   Attribute a is named ``"<colour> <shape>"`` (``"red circle"``, see :mod:`.synthetic_images`); no vocabulary word
   can be a colour or shape name (those are not consonant-vowel words).
-* Item (uid ``trn<i>`` / ``tst<i>``): one attribute a, uniform; L distinct topics, uniform; labels
+* Item (uid ``trn<i>`` / ``tst<i>``): one attribute a, uniform; L distinct topics, uniform (or, with
+  ``topic_zipf`` = s > 0, long-tailed: each draw picks topic t with probability ~ 1/(t+1)^s, a repeat within an
+  item is redrawn uniformly); labels
   ``{(t_1, a), ..., (t_L, a)}`` with relevance 1. Text = 2 of the 3 words of each of its topics plus
   ``noise_words`` noise words, shuffled: it names the TOPICS and NEVER the attribute.
 * Label text = its topic's 3 words followed by its attribute name (allowed: item texts never contain attribute
@@ -94,13 +96,25 @@ def _rng(seed: int, split: str, kind: int, index: int, slot: int = 0) -> np.rand
     return np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], kind, index, slot]))
 
 
-def _distinct_topics(rng: np.random.Generator, n: int, num_topics: int, per_item: int) -> np.ndarray:
-    """[n, per_item] distinct topics per row (uniform over sets), sorted: independent draws, and a fresh draw
-    without replacement for the (rare, when per_item**2 << num_topics) rows that repeat a topic."""
-    topics = np.sort(rng.integers(0, num_topics, size=(n, per_item)), axis=1)
-    for row in np.flatnonzero((topics[:, 1:] == topics[:, :-1]).any(axis=1)):
-        topics[row] = np.sort(rng.choice(num_topics, size=per_item, replace=False))
-    return topics
+def _distinct_topics(rng: np.random.Generator, n: int, num_topics: int, per_item: int,
+                     cdf: np.ndarray | None = None) -> np.ndarray:
+    """[n, per_item] distinct topics per row, sorted. Uniform (``cdf`` None): independent draws, and a fresh draw
+    without replacement for the (rare, when per_item**2 << num_topics) rows that repeat a topic. Long-tailed
+    (``cdf``: cumulative topic probabilities): inverse-CDF draws, each repeat redrawn uniformly until none is left."""
+    if cdf is None:
+        topics = np.sort(rng.integers(0, num_topics, size=(n, per_item)), axis=1)
+        for row in np.flatnonzero((topics[:, 1:] == topics[:, :-1]).any(axis=1)):
+            topics[row] = np.sort(rng.choice(num_topics, size=per_item, replace=False))
+        return topics
+    topics = np.sort(np.minimum(np.searchsorted(cdf, rng.random((n, per_item)), side="right"), num_topics - 1),
+                     axis=1)
+    while True:
+        repeat = np.zeros(topics.shape, dtype=bool)
+        repeat[:, 1:] = topics[:, 1:] == topics[:, :-1]
+        if not repeat.any():
+            return topics
+        topics[repeat] = rng.integers(0, num_topics, size=int(repeat.sum()))
+        topics.sort(axis=1)
 
 
 class Identity:
@@ -114,13 +128,17 @@ class Identity:
         self.num_labels = syn.num_topics * syn.num_attributes
         self.vocab = vocabulary(TOPIC_WORDS * syn.num_topics + NOISE_POOL)
         self.attribute_names = pa.array([attribute_name(a) for a in range(syn.num_attributes)])
+        self.topic_cdf = None
+        if syn.topic_zipf > 0:
+            weights = np.arange(1, syn.num_topics + 1, dtype=np.float64) ** -syn.topic_zipf
+            self.topic_cdf = np.cumsum(weights) / weights.sum()
 
     def items(self, split: str, chunk: int, start: int, n: int) -> tuple[pa.RecordBatch, np.ndarray]:
         """One chunk of items as an ``ITEMS_SCHEMA`` batch, and each row's attribute."""
         syn = self.syn
         rng = _rng(syn.seed, split, _IDENTITY, chunk)
         attribute = rng.integers(0, syn.num_attributes, size=n)
-        topics = _distinct_topics(rng, n, syn.num_topics, syn.labels_per_item)
+        topics = _distinct_topics(rng, n, syn.num_topics, syn.labels_per_item, self.topic_cdf)
         drop = rng.integers(0, TOPIC_WORDS, size=topics.shape)  # each topic names all its words but one
         named = [TOPIC_WORDS * topics + (drop + k) % TOPIC_WORDS for k in range(1, ITEM_TOPIC_WORDS + 1)]
         noise = TOPIC_WORDS * syn.num_topics + rng.integers(0, NOISE_POOL, size=(n, syn.noise_words))

@@ -15,6 +15,10 @@ must hold the training-query embeddings (refresh with ``infer.raa.enabled=true``
 shards serve both parts, and the filter pairs are removed after the label and neighbour scores are combined. The
 same index version serves evaluations with RAA on and off.
 
+``eval.sample_size`` evaluates a uniform sample of that many test rows (seeded by ``eval.sample_seed``): only those
+rows enter the embedding pipeline, and the metrics, the report and ``predictions.parquet`` cover them (at a million
+labels an exact scan of every test row is hours on CPU shards; a stated sample of 100,000 is minutes).
+
 The output directory (published atomically) holds ``metrics.json``, ``metrics.md``, ``metrics.png``,
 ``predictions.parquet`` (:data:`PREDICTIONS_SCHEMA`) and the resolved ``config.yaml``.
 """
@@ -36,6 +40,7 @@ import scipy.sparse as sp
 from vixml_ray import storage
 from vixml_ray.config import Config, save_config
 from vixml_ray.data.dataset import Dataset, open_dataset
+from vixml_ray.data.filters import rows_pairs
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, OutputExistsError
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
@@ -63,26 +68,19 @@ NUM_DECILES = 10
 
 
 # ---------------------------------------------------------------------------------------------------- retrieval
-def rows_pairs(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The (position in ``rows``, label) pairs of ``rows`` among ``pairs`` ((row, label), sorted by row)."""
-    lo = np.searchsorted(pairs[:, 0], rows, side="left")
-    counts = np.searchsorted(pairs[:, 0], rows, side="right") - lo
-    total = int(counts.sum())
-    starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-    picked = pairs[starts + np.arange(total), 1] if total else np.empty(0, dtype=np.int64)
-    return np.stack([np.repeat(np.arange(len(rows)), counts), picked], axis=1)
-
-
 def index_top_k(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex,
-                train_labels: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``eval.topk`` (ids int64, scores float32) of every test row of the embedded ``queries`` ({row,
-    embedding}) from the sharded index, filter pairs removed; -1/-inf padding. With ``infer.raa.enabled`` the
-    search is retrieval-augmented (``train_labels``: the index version's training label matrix).
+                train_labels: sp.csr_matrix | None = None, rows: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``eval.topk`` (ids int64, scores float32) of the test ``rows`` (sorted; default all) in that order, from
+    the embedded ``queries`` ({row, embedding}) of those rows, filter pairs removed; -1/-inf padding. With
+    ``infer.raa.enabled`` the search is retrieval-augmented (``train_labels``: the index version's training label
+    matrix).
 
     The training loop's ``test_*`` metrics (:func:`vixml_ray.train.validation.validation_metrics`) score the same
-    split with the same propensities but rank by a brute-force torch top-k without RAA, so on an approximate index,
+    rows with the same propensities but rank by a brute-force torch top-k without RAA, so on an approximate index,
     with RAA or on tied scores the two may differ."""
-    n, topk = dataset.num_test, cfg.eval.topk
+    rows_all = np.arange(dataset.num_test, dtype=np.int64) if rows is None else rows
+    n, topk = len(rows_all), cfg.eval.topk
     ids = np.full((n, topk), -1, dtype=np.int64)
     scores = np.full((n, topk), -np.inf, dtype=np.float32)
     pairs = dataset.filter_pairs()
@@ -90,10 +88,13 @@ def index_top_k(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index:
     seen = np.zeros(n, dtype=bool)
     for batch in queries.iter_batches(batch_size=cfg.infer.rows_per_batch, batch_format="numpy"):
         rows = np.asarray(batch["row"], dtype=np.int64)
+        at = np.searchsorted(rows_all, rows)
+        if not np.array_equal(rows_all[np.minimum(at, n - 1)], rows):
+            raise RuntimeError("embedded test rows outside the evaluated rows")
         result = search_labels(index, batch["embedding"], topk, cfg.infer.raa, lambda _: train_labels,
                                rows_pairs(pairs, rows))
-        ids[rows], scores[rows] = result.ids, result.scores
-        seen[rows] = True
+        ids[at], scores[at] = result.ids, result.scores
+        seen[at] = True
     if not seen.all():
         raise RuntimeError(f"{int((~seen).sum())} test queries came back without predictions")
     return ids, scores
@@ -121,11 +122,12 @@ def precision_by_decile(ids: np.ndarray, truth: sp.csr_matrix, train_counts: np.
     return out
 
 
-def score(cfg: Config, dataset: Dataset, ids: np.ndarray) -> dict[str, Any]:
-    """P, nDCG, PSP, PSnDCG, R at 1..eval.k and P@k by label-frequency decile."""
+def score(cfg: Config, dataset: Dataset, ids: np.ndarray, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """P, nDCG, PSP, PSnDCG, R at 1..eval.k and P@k by label-frequency decile of the predictions ``ids`` of the test
+    ``rows`` (default all)."""
     k = cfg.eval.k
     train = dataset.label_matrix("train")
-    truth = dataset.label_matrix("test")
+    truth = dataset.label_matrix("test", rows)
     inv = inverse_propensity(train, cfg.eval.propensity_a, cfg.eval.propensity_b)
     at_k = {name: [float(x) for x in values] for name, values in xmc_metrics(ids, truth, k, inv).items()}
     train_counts = np.bincount(sp.csr_matrix(train).indices, minlength=dataset.num_labels)
@@ -139,11 +141,11 @@ def score(cfg: Config, dataset: Dataset, ids: np.ndarray) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
-def _predictions_table(ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+def _predictions_table(rows: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
     keep = ids >= 0
     offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
     return pa.Table.from_arrays([
-        pa.array(np.arange(len(ids), dtype=np.int64)),
+        pa.array(rows, pa.int64()),
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[keep])),
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[keep].astype(np.float32))),
     ], schema=PREDICTIONS_SCHEMA)
@@ -193,15 +195,20 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
                                             f"{dataset.num_labels}")
         parts = served_parts(cfg.infer.raa, manifest, index_uri)
         train_labels = train_label_matrix(index_uri, manifest) if QUERIES in parts else None
+        rows = dataset.sample_rows("test", cfg.eval.sample_size, cfg.eval.sample_seed)
+        keep = None
+        if len(rows) < dataset.num_test:
+            keep = np.zeros(dataset.num_test, dtype=bool)
+            keep[rows] = True
         t0 = time.perf_counter()
-        queries = embed_split(cfg, export, dataset, "test", features).materialize()
+        queries = embed_split(cfg, export, dataset, "test", features, keep=keep).materialize()
         t1 = time.perf_counter()
         with ShardedIndex(index_uri, cfg.index, manifest.version, parts) as index:
-            ids, scores = index_top_k(cfg, dataset, queries, index, train_labels)
+            ids, scores = index_top_k(cfg, dataset, queries, index, train_labels, rows)
         t2 = time.perf_counter()
     result = {
-        **score(cfg, dataset, ids),
-        "counts": {"queries": dataset.num_test, "labels": dataset.num_labels,
+        **score(cfg, dataset, ids, rows),
+        "counts": {"queries": len(rows), "test_items": dataset.num_test, "labels": dataset.num_labels,
                    "filter_pairs": int(len(dataset.filter_pairs())), "topk": cfg.eval.topk},
         "index": {"dir": None if index_dir is None else index_uri, "version": manifest.version,
                   "temporary": index_dir is None},
@@ -209,16 +216,17 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         "export": export.identity(),
         "dataset": {"uri": dataset.uri, "content_hash": dataset.manifest.get("content_hash")},
         "timing": {"embed_s": round(t1 - t0, 3), "search_s": round(t2 - t1, 3),
-                   "queries_per_s": round(dataset.num_test / (t2 - t0), 2), "refresh": refresh},
+                   "queries_per_s": round(len(rows) / (t2 - t0), 2), "refresh": refresh},
+        "sample": {"size": cfg.eval.sample_size, "seed": cfg.eval.sample_seed} if keep is not None else None,
     }
     with storage.publish(out_uri, overwrite=overwrite) as staging:
         storage.write_json(storage.join(staging, METRICS_FILE), result)
-        storage.write_parquet(storage.join(staging, PREDICTIONS_FILE), _predictions_table(ids, scores))
+        storage.write_parquet(storage.join(staging, PREDICTIONS_FILE), _predictions_table(rows, ids, scores))
         write_report(result, staging)
         save_config(cfg, storage.join(staging, CONFIG_FILE))
     k = cfg.eval.k
     shown = [f"{name}@{j}" for name in ("P", "nDCG", "PSP", "PSnDCG", "R") for j in sorted({1, 3, k}) if j <= k]
-    return {**{m: round(result["metrics"][m], 6) for m in shown}, "queries": dataset.num_test,
+    return {**{m: round(result["metrics"][m], 6) for m in shown}, "queries": len(rows),
             "queries_per_s": result["timing"]["queries_per_s"], "version": manifest.version,
             "raa": cfg.infer.raa.enabled,
             "seconds": round(time.perf_counter() - started, 2), "out": out_uri}

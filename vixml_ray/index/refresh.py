@@ -70,10 +70,12 @@ TABLE_OF = {LABELS: LABELS_FILE, QUERIES: QUERIES_FILE}
 
 
 # ------------------------------------------------------------------------------------------------------- hashing
-def content_hashes(cfg: Config, dataset: Dataset, split: str, features: FeatureCache | None) -> pa.Table:
-    """(row, uid, text, content_hash) of every row of ``split`` in row order; the hash is the hex BLAKE2b-128 of the
-    text, the image mask and the image features (streamed from the split's file and the memory-mapped feature
-    bank)."""
+def content_hashes(cfg: Config, dataset: Dataset, split: str, features: FeatureCache | None,
+                   keep_text: bool = True) -> pa.Table:
+    """(row, uid, text, content_hash) of every row of ``split`` in row order (without ``text`` unless
+    ``keep_text``: the side table of training queries holds no texts, and a million of them need not sit in the
+    driver); the hash is the hex BLAKE2b-128 of the text, the image mask and the image features (streamed from the
+    split's file and the memory-mapped feature bank)."""
     bank = None
     if features is not None:
         from vixml_ray.vision.bank import FeatureBank
@@ -88,10 +90,12 @@ def content_hashes(cfg: Config, dataset: Dataset, split: str, features: FeatureC
             images = [m.tobytes() + f.tobytes() for m, f in zip(mask, feats)]
         hashes = [hashlib.blake2b(t.encode("utf-8") + b"\0" + i, digest_size=16).hexdigest()
                   for t, i in zip(batch.column("text").to_pylist(), images)]
-        parts.append(pa.Table.from_batches([batch]).append_column("content_hash", pa.array(hashes, pa.string())))
+        table = pa.Table.from_batches([batch]).append_column("content_hash", pa.array(hashes, pa.string()))
+        parts.append(table if keep_text else table.drop_columns(["text"]))
     if not parts:
         raise InputError(dataset.file_uri(split), None, "no rows to embed")
     table = pa.concat_tables(parts).combine_chunks()
+    del parts  # the chunks' buffers go now, not when the refresh ends
     if not np.array_equal(table.column("row").to_numpy(), np.arange(dataset.num_rows(split))):
         raise InputError(dataset.file_uri(split), None, f"rows must be 0..{dataset.num_rows(split) - 1} in order")
     return table
@@ -252,7 +256,7 @@ def refresh_labels(export_uri: str, dataset_uri: str, index_dir: str, cfg: Confi
     features = feature_cache(cfg, export, dataset)
     tables = {LABELS: content_hashes(cfg, dataset, "label", features)}
     if cfg.infer.raa.enabled:
-        tables[QUERIES] = content_hashes(cfg, dataset, "train", features)
+        tables[QUERIES] = content_hashes(cfg, dataset, "train", features, keep_text=False)
     plans = {part: plan_refresh(index_dir, export, table, incremental, part) for part, table in tables.items()}
     for plan in plans.values():
         log.info("refresh %s: %d rows, %d to embed, %d carried (%s)", plan.part, len(plan.embed),

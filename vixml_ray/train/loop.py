@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from vixml_ray.config import Config
+from vixml_ray.data.filters import rows_pairs
 from vixml_ray.errors import ConfigError
 from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model import build_embedder, load_tokenizer
@@ -283,14 +284,17 @@ class Trainer:
                                   device=self.runtime.device, prefix="val_")
 
     def test(self) -> dict[str, float]:
-        """``test_*`` metrics of the final model: propensities from every TRAIN row, as in the evaluation job (which
-        searches the index instead: see :mod:`vixml_ray.train.validation`)."""
-        rows = np.arange(self.inputs.dataset.num_test)
+        """``test_*`` metrics of the final model on the test split, or on its ``eval.sample_size`` sample (the evaluate
+        job's rows: the scan is test rows x labels, so at a million labels only a sample is affordable); propensities
+        from every TRAIN row, as in the evaluation job (which searches the index instead: see
+        :mod:`vixml_ray.train.validation`)."""
+        eval_cfg, dataset = self.cfg.eval, self.inputs.dataset
+        rows = dataset.sample_rows("test", eval_cfg.sample_size, eval_cfg.sample_seed)
         queries = self._embed("test", rows)
-        inv = inverse_propensity(self.inputs.train_labels, self.cfg.eval.propensity_a, self.cfg.eval.propensity_b)
-        return validation_metrics(queries, self.label_embeddings(), self.inputs.test_labels, k=self.cfg.eval.k,
-                                  topk=self.cfg.eval.topk, device=self.runtime.device, inv_propensity=inv,
-                                  filter_pairs=self.inputs.dataset.filter_pairs(), prefix="test_")
+        inv = inverse_propensity(self.inputs.train_labels, eval_cfg.propensity_a, eval_cfg.propensity_b)
+        return validation_metrics(queries, self.label_embeddings(), self.inputs.test_labels[rows], k=eval_cfg.k,
+                                  topk=eval_cfg.topk, device=self.runtime.device, inv_propensity=inv,
+                                  filter_pairs=rows_pairs(dataset.filter_pairs(), rows), prefix="test_")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def report_with_checkpoint(self, metrics: dict[str, Any]) -> None:
