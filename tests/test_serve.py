@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import socket
 import threading
 import time
@@ -288,3 +289,48 @@ def test_killed_shard_replica_fails_no_request(served):
         seen = len(stream.answers)
         wait_for(lambda: len(stream.answers) >= seen + 10)
     assert all(status == 200 for status, _ in stream.answers), stream.answers
+
+
+def chromium() -> tuple[str, str] | None:
+    """Debian's chromium and chromium-driver (installed by .ci/run), or None."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Chromium and its driver: apt-get install chromium "
+                                               "chromium-driver (.ci/run does)")
+def test_page_in_a_headless_browser(served, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    png = next(p for q in served["queries"] for p in q["images"] if p != BAD_IMAGE)
+    image = tmp_path / "query.png"
+    image.write_bytes(base64.b64decode(png.split(",", 1)[1]))
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(str(served["client"].base_url) + "/")
+        driver.find_element(By.ID, "text").send_keys("red square")
+        driver.find_element(By.ID, "images").send_keys(str(image))
+        k = driver.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("4")
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(expected_conditions.visibility_of_element_located((By.ID, "results")))
+        names = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#results tr.label td.name")]
+        status = driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+    expected = served["client"].post("/v1/predict", json={"queries": [{"text": "red square", "images": [png]}],
+                                                          "k": 4}).json()
+    assert names == [label["name"] for label in expected["results"][0]["labels"]]
+    assert f"index version {expected['version']}" in status
