@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from vixml_ray.config import Config
+from vixml_ray.config import Config, replace
 from vixml_ray.inference.export import read_export
 from vixml_ray.predict.predictor import Query, QueryEncoder
 
@@ -25,6 +25,8 @@ class Encoder:
     def __init__(self, export_uri: str, cfg: Config):
         if cfg.serve.encoder_num_gpus == 0:
             torch.set_num_threads(max(1, int(cfg.serve.encoder_num_cpus)))
+        gpus = cfg.serve.encoder_num_gpus  # the model and the vision tower go where this replica's GPU share is
+        cfg = replace(cfg, **{"infer.num_gpus_per_actor": gpus, "vision.num_gpus_per_actor": gpus})
         self.export = read_export(export_uri)
         self.encoder = QueryEncoder(self.export, cfg)
         self.embed.set_max_batch_size(cfg.serve.max_batch_size)
