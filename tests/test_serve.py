@@ -192,6 +192,13 @@ def test_unsafe_images_are_refused_and_masked(served):
     assert inside["labels"] == direct["labels"]  # the file in the root is the same image as the data URI
 
 
+def test_images_sent_to_a_text_only_model_are_ignored_with_a_reason(served):
+    response = served["client"].post("/raa/v1/predict", headers=served["auth"], json={
+        "queries": [{"text": "red", "images": ["data:image/png;base64,!!", "http://127.0.0.1/x.png"]}], "k": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["image_errors"] == ["ignored: the model reads text only"] * 2
+
+
 def test_api_key_is_required_and_compared(served):
     client = served["client"]
     body = {"queries": [{"text": "red"}], "k": 3}

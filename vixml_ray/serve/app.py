@@ -52,6 +52,7 @@ from vixml_ray.serve.shards import ShardReplica
 log = logging.getLogger(__name__)
 
 MAX_REFUSALS = 10  # refusals kept for /v1/version
+TEXT_ONLY = "ignored: the model reads text only"  # image_errors of every image sent to a text-only model
 
 app = FastAPI(title="vixml-ray", version="1", summary="Extreme multi-label scoring of text + image queries",
               docs_url="/docs", redoc_url=None)
@@ -196,7 +197,8 @@ class Ingress:
     def answer(self, queries: Sequence[api.QueryIn], k: int) -> dict[str, Any]:
         """The top ``k`` labels of every query (see :class:`vixml_ray.serve.api.PredictOut`)."""
         served = self.served  # one version answers the whole request
-        specs = [(q, s) for q, query in enumerate(queries) for s in range(len(query.images))]
+        specs = [(q, s) for q, query in enumerate(queries) for s in range(len(query.images))
+                 if self.export.uses_images]
         read = list(self.pool.map(self._read_image, [queries[q].images[s] for q, s in specs]))
         images: list[list[bytes]] = [[b""] * len(query.images) for query in queries]
         refused: dict[tuple[int, int], str] = {}
@@ -209,6 +211,8 @@ class Ingress:
                                    [(query.text, images[i]) for i, query in enumerate(queries)])
         for (q, s), reason in refused.items():
             errors[q][s] = reason
+        if not self.export.uses_images:
+            errors = [[TEXT_ONLY] * len(query.images) for query in queries]
         view = ServedView(served.gen, self.cfg.serve.request_timeout_s, self.pool)
         result = search_labels(_PinnedIndex(view), embeddings, k, self.cfg.infer.raa,
                                lambda manifest: served.train_labels)
