@@ -118,9 +118,11 @@ class FloorIngress:
 
 
 def floor_application() -> serve.Application:
-    encoder = serve.deployment(NoopEncoder).options(name="encoder", max_ongoing_requests=64).bind()
-    shards = [serve.deployment(NoopShard).options(name=f"shard-{i}").bind() for i in range(SHARDS)]
-    return serve.deployment(FloorIngress).options(name="ingress", max_ongoing_requests=64).bind(encoder, shards)
+    free = {"ray_actor_options": {"num_cpus": 0}}  # Serve's default of 1 CPU per replica would not fit on 2 cores
+    encoder = serve.deployment(NoopEncoder).options(name="encoder", max_ongoing_requests=64, **free).bind()
+    shards = [serve.deployment(NoopShard).options(name=f"shard-{i}", **free).bind() for i in range(SHARDS)]
+    return serve.deployment(FloorIngress).options(name="ingress", max_ongoing_requests=128, **free).bind(
+        encoder, shards)
 
 
 # ----------------------------------------------------------------------------------------------------- loads
@@ -199,7 +201,11 @@ def main() -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="100,000 labels, shorter loads (under 5 minutes)")
     parser.add_argument("--labels", type=int, help="label count (default 1,000,000; 100,000 with --quick)")
     parser.add_argument("--queries", type=int, default=2048)
+    parser.add_argument("--haproxy", action="store_true",
+                        help="RAY_SERVE_ENABLE_HA_PROXY=1 (binds the replicas' HTTP ports on all interfaces)")
     args = parser.parse_args()
+    if args.haproxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read when Serve's modules load in the Ray workers
     num_labels = args.labels or (100_000 if args.quick else 1_000_000)
     load_s = 20.0 if args.quick else 60.0
     singles, batches = (100, 10) if args.quick else (400, 40)
@@ -222,7 +228,7 @@ def main() -> dict[str, Any]:
     write_s = time.perf_counter() - started
     init_ray(num_cpus=cpus, local_only=True)
     result: dict[str, Any] = {"labels": num_labels, "shards": SHARDS, "k": K, "write_version_s": round(write_s, 1),
-                              "vectors": "random unit (isotropic)", "proxy": "default"}
+                              "vectors": "random unit (isotropic)", "proxy": "haproxy" if args.haproxy else "default"}
 
     with Predictor(export, index_dir, cfg) as predictor:
         result["in_process"] = in_process(predictor, queries, singles, batches)
