@@ -155,25 +155,29 @@ class Ingress:
                          for shard in self.shards for _ in range(self.cfg.serve.shard_replicas)]
                 for call in calls:
                     call.result()
-            except (ValueError, FileNotFoundError, Unavailable) as err:
-                self._refuse(version, err)
+            except (ValueError, FileNotFoundError) as err:
+                self._refuse(version, err, final=True)
+                return False
+            except Unavailable as err:  # a shard could not load it now: the next poll tries again
+                self._refuse(version, err, final=False)
                 return False
             old, self.served = self.served.manifest.version, served
             log.info("switched from index version %s to %s", old, version)
             return True
 
-    def _refuse(self, version: str, err: Exception) -> None:
+    def _refuse(self, version: str, err: Exception, final: bool) -> None:
+        """Records why ``version`` is not served; a ``final`` refusal is not retried by the poller."""
         if any(r["version"] == version and r["reason"] == str(err) for r in self.refusals):
             return
         log.error("refused index version %s of %s: %s", version, self.index_dir, err)
-        self.refusals = [*self.refusals, {"version": version, "reason": str(err),
+        self.refusals = [*self.refusals, {"version": version, "reason": str(err), "final": final,
                                           "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}][-MAX_REFUSALS:]
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.serve.poll_interval_s):
             try:
                 target = self.pinned or current_version(self.index_dir)
-                refused = {r["version"] for r in self.refusals}
+                refused = {r["version"] for r in self.refusals if r["final"]}
                 if target and target != self.served.manifest.version and target not in refused:
                     self.switch(target)
             except Exception:  # noqa: BLE001 - a storage hiccup must not end polling
