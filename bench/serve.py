@@ -21,7 +21,7 @@ Full run: 1,000,000 labels; ``--quick``: 100,000 labels and shorter loads (under
 is a JSON summary.
 """
 
-from __future__ import annotations
+# no "from __future__ import annotations": FastAPI must see the floor route's parameter types
 
 import argparse
 import json
