@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
+import torch  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from ray import serve  # noqa: E402
 
@@ -181,7 +182,9 @@ def closed_loop(url: str, queries: list[str], clients: int, per_request: int, ma
 
 
 def in_process(predictor: Predictor, queries: list[str], singles: int, batches: int) -> dict[str, Any]:
-    predictor.predict([Query(q) for q in queries[:BATCH]], K)  # warm-up
+    for q in queries[:20]:  # warm-up: the model's first calls, the shard actors' first searches
+        predictor.predict([Query(q)], K)
+    predictor.predict([Query(q) for q in queries[:BATCH]], K)
     latencies = []
     start_t = time.perf_counter()
     for q in queries[:singles]:
@@ -230,6 +233,7 @@ def main() -> dict[str, Any]:
     result: dict[str, Any] = {"labels": num_labels, "shards": SHARDS, "k": K, "write_version_s": round(write_s, 1),
                               "vectors": "random unit (isotropic)", "proxy": "haproxy" if args.haproxy else "default"}
 
+    torch.set_num_threads(max(1, int(cfg.serve.encoder_num_cpus)))  # the served encoder's threads
     with Predictor(export, index_dir, cfg) as predictor:
         result["in_process"] = in_process(predictor, queries, singles, batches)
 
