@@ -34,7 +34,6 @@ class _Held:
     shard: IndexShard
     loaded_at: float
     last_used: float
-    first_asked: float | None = None  # first search for it: when the ingress switched to it
     inflight: int = 0
 
 
@@ -45,6 +44,7 @@ class ShardReplica:
                  version: str):
         self.index_dir, self.shard, self.num_shards, self.parts, self.cfg = index_dir, shard, num_shards, parts, cfg
         self._held: dict[str, _Held] = {}
+        self._first_asked: dict[str, float] = {}  # first call per version (kept across a release and reload)
         self._lock = threading.Lock()  # guards _held
         self._loading: dict[str, threading.Lock] = {}  # one loader per version
         self._get(version)
@@ -75,18 +75,20 @@ class ShardReplica:
             now = time.monotonic()
             held.inflight += 1
             held.last_used = now
-            if held.first_asked is None:
-                held.first_asked = now
+            self._first_asked.setdefault(version, now)  # when the ingress switched to it
         return held
 
     def _done(self, held: _Held) -> None:
         with self._lock:
             held.inflight -= 1
             held.last_used = time.monotonic()
-            live = max((h for h in self._held.values() if h.first_asked is not None), key=lambda h: h.first_asked)
+            live = max((v for v in self._held if v in self._first_asked), key=self._first_asked.__getitem__)
             now = time.monotonic()
-            old = [v for v, h in self._held.items() if h is not live and h.inflight == 0
-                   and max(h.loaded_at, h.last_used) < live.first_asked and now - h.last_used > RELEASE_IDLE_S]
+            # older than the live version: asked before it, or loaded before the switch and never asked (a version
+            # prepared after the switch and not asked yet is the next one: kept)
+            old = [v for v, h in self._held.items() if v != live and h.inflight == 0
+                   and now - h.last_used > RELEASE_IDLE_S
+                   and (v in self._first_asked or h.loaded_at < self._first_asked[live])]
             for version in old:
                 del self._held[version]
                 log.info("shard %d: released version %s", self.shard, version)
