@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.14.1 torchvision==0.29.1 -e '.[cpu,test]' 2>&1 | sed '/is ignored: it is neither/d'
-	$(BIN)/python -c "import torch, torchvision, ray, transformers, peft, deepspeed, faiss, open_clip, pyarrow, omegaconf"
+	$(BIN)/python -c "import torch, torchvision, ray, ray.serve, fastapi, transformers, peft, deepspeed, faiss, open_clip, pyarrow, omegaconf"
 	touch $(STAMP)
 
 demo: setup

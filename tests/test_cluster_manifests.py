@@ -94,7 +94,16 @@ def _resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     }, required=("apiVersion", "kind", "metadata", "spec"))
 
 
-CRD_SCHEMAS = {"RayCluster": _resource("RayCluster", _CLUSTER_SPEC), "RayJob": _resource("RayJob", _JOB_SPEC)}
+_SERVICE_SPEC = _closed({  # ray-operator/apis/ray/v1/rayservice_types.go
+    "serveConfigV2": {"type": "string", "minLength": 1}, "rayClusterConfig": _CLUSTER_SPEC,
+    "serviceUnhealthySecondThreshold": _INT, "deploymentUnhealthySecondThreshold": _INT,
+    "rayClusterDeletionDelaySeconds": _INT, "excludeHeadPodFromServeSvc": _BOOL, "serveService": _OBJ,
+    "upgradeStrategy": _closed({"type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
+                                "clusterUpgradeOptions": _OBJ}),
+    "managedBy": _STR,
+}, required=("serveConfigV2", "rayClusterConfig"))
+CRD_SCHEMAS = {"RayCluster": _resource("RayCluster", _CLUSTER_SPEC), "RayJob": _resource("RayJob", _JOB_SPEC),
+               "RayService": _resource("RayService", _SERVICE_SPEC)}
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -106,7 +115,7 @@ def _load(name: str) -> dict[str, Any]:
 
 def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     spec = doc["spec"]
-    cluster = spec if doc["kind"] == "RayCluster" else spec.get("rayClusterSpec")
+    cluster = spec if doc["kind"] == "RayCluster" else spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
     found = []
     if cluster:
         found.append(("headGroupSpec", cluster["headGroupSpec"].get("template")))
@@ -272,6 +281,132 @@ def test_broken_rayjob_fails(name: str) -> None:
     JOB_BREAKS[name](doc)
     errors = schema_errors(doc)
     assert errors or job_rule_errors(doc, _load("raycluster.yaml")), name
+
+
+# ------------------------------------------------------------------------------------------------- serving
+SERVE_BUILDER = "vixml_ray.serve.app:build"
+BUILDER_ARGS = ("checkpoint", "index", "config", "version")  # the builder's own arguments; the rest are overrides
+
+
+def serve_config_errors(doc: dict[str, Any]) -> list[str]:
+    """Ray Serve's own schema of a config file, plus: the app is this project's builder with its two URIs and
+    overrides that load, every deployment named is one the app creates, the encoder on a GPU, the shards off GPUs
+    on the nodes that offer ``shard_slot``."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.parse_obj(doc)
+    except Exception as err:  # pydantic's ValidationError names the field
+        return [f"Serve schema: {err}"]
+    errors = []
+    for app in doc["applications"]:
+        if app.get("import_path") != SERVE_BUILDER:
+            errors.append(f"{app.get('name')}: import_path must be {SERVE_BUILDER}")
+            continue
+        args = {str(k): str(v) for k, v in (app.get("args") or {}).items()}
+        missing = [k for k in ("checkpoint", "index") if k not in args]
+        if missing:
+            errors.append(f"{app['name']}: args miss {missing}")
+        try:
+            cfg = load_config(args.get("config"), [f"{k}={v}" for k, v in args.items() if k not in BUILDER_ARGS])
+        except Exception as err:  # ConfigError names the key
+            errors.append(f"{app['name']}: args do not load: {err}")
+            continue
+        names = {"ingress", "encoder", *(f"shard-{i}" for i in range(cfg.index.num_shards))}
+        options = {d["name"]: d.get("ray_actor_options", {}) for d in app.get("deployments", [])}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            errors.append(f"{app['name']}: deployments {unknown} are not in the app ({sorted(names)})")
+        if options.get("encoder", {}).get("num_gpus", 0) < 1 or cfg.serve.encoder_num_gpus < 1:
+            errors.append(f"{app['name']}: the encoder must take a GPU (options and serve.encoder_num_gpus)")
+        for i in range(cfg.index.num_shards):
+            shard = options.get(f"shard-{i}", {})
+            if shard.get("num_gpus", 0) != 0 or "shard_slot" not in shard.get("resources", {}):
+                errors.append(f"{app['name']}: shard-{i} must take no GPU and a shard_slot (a CPU node)")
+    return errors
+
+
+def service_rule_errors(service: dict[str, Any]) -> list[str]:
+    """The RayService embeds cluster/serve_config.yaml verbatim, its cluster offers ``shard_slot`` on a CPU group
+    and GPUs equal to ``num-gpus``, token auth, one image, offline model loading, Ray's version."""
+    spec, errors = service["spec"], []
+    if yaml.safe_load(spec["serveConfigV2"]) != yaml.safe_load((CLUSTER / "serve_config.yaml").read_text()):
+        errors.append("serveConfigV2 differs from cluster/serve_config.yaml")
+    cluster = spec["rayClusterConfig"]
+    if cluster.get("rayVersion") != ray.__version__:
+        errors.append(f"rayVersion {cluster.get('rayVersion')} is not the tested Ray {ray.__version__}")
+    if cluster.get("authOptions", {}).get("mode") != "token":
+        errors.append("authOptions.mode must be token")
+    slots = False
+    for group in cluster.get("workerGroupSpecs", []):
+        declared = int(group.get("rayStartParams", {}).get("num-gpus", 0))
+        limits = sum(int(c.get("resources", {}).get("limits", {}).get(GPU, 0))
+                     for c in group["template"]["spec"]["containers"])
+        if declared != limits:
+            errors.append(f"{group['groupName']}: rayStartParams num-gpus={declared} but {GPU} limits={limits}")
+        slots |= declared == 0 and "shard_slot" in group.get("rayStartParams", {}).get("resources", "")
+    if not slots:
+        errors.append("no CPU worker group offers the shard_slot resource")
+    containers = _containers(service)
+    if len({c["image"] for c in containers}) != 1:
+        errors.append("containers use different images")
+    for c in containers:
+        env = {e["name"]: e for e in c.get("env", [])}
+        if env.get("HF_HUB_OFFLINE", {}).get("value") != "1":
+            errors.append(f"container {c['name']}: HF_HUB_OFFLINE must be '1'")
+        if "secretKeyRef" not in env.get("VIXML_API_KEY", {}).get("valueFrom", {}):
+            errors.append(f"container {c['name']}: VIXML_API_KEY must come from a Secret")
+    return errors
+
+
+def test_serve_config_validates() -> None:
+    assert serve_config_errors(yaml.safe_load((CLUSTER / "serve_config.yaml").read_text())) == []
+
+
+def test_rayservice_validates_and_embeds_the_serve_config() -> None:
+    service = _load("rayservice.yaml")
+    assert schema_errors(service) == []
+    assert service_rule_errors(service) == []
+    assert serve_config_errors(yaml.safe_load(service["spec"]["serveConfigV2"])) == []
+
+
+def _app(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["applications"][0]
+
+
+SERVE_BREAKS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "typo in Serve's schema": lambda d: _app(d).__setitem__("import_paths", _app(d).pop("import_path")),
+    "other builder": lambda d: _app(d).__setitem__("import_path", "vixml_ray.serve.app:app"),
+    "bad override": lambda d: _app(d)["args"].__setitem__("serve.shard_replica", "2"),
+    "no index": lambda d: _app(d)["args"].pop("index"),
+    "unknown deployment": lambda d: _app(d)["deployments"][1].__setitem__("name", "shard-9"),
+    "shard on a GPU": lambda d: _app(d)["deployments"][1]["ray_actor_options"].__setitem__("num_gpus", 1),
+    "encoder on CPU": lambda d: _app(d)["deployments"][0]["ray_actor_options"].__setitem__("num_gpus", 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_BREAKS))
+def test_broken_serve_config_fails(name: str) -> None:
+    doc = copy.deepcopy(yaml.safe_load((CLUSTER / "serve_config.yaml").read_text()))
+    SERVE_BREAKS[name](doc)
+    assert serve_config_errors(doc), name
+
+
+SERVICE_BREAKS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "typo serveConfig": lambda d: d["spec"].__setitem__("serveConfig", d["spec"].pop("serveConfigV2")),
+    "stale serve config": lambda d: d["spec"].__setitem__(
+        "serveConfigV2", d["spec"]["serveConfigV2"].replace('"4"', '"5"', 1)),
+    "no shard slots": lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].__setitem__("rayStartParams", {}),
+    "key in plain text": lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "env"].__setitem__(-1, {"name": "VIXML_API_KEY", "value": "hunter2"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_BREAKS))
+def test_broken_rayservice_fails(name: str) -> None:
+    doc = copy.deepcopy(_load("rayservice.yaml"))
+    SERVICE_BREAKS[name](doc)
+    assert schema_errors(doc) or service_rule_errors(doc), name
 
 
 # ---------------------------------------------------------------------------------------------- runtime env

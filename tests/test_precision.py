@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vixml_ray.config import ConfigError, load_config
+from vixml_ray.config import load_config
+from vixml_ray.errors import ConfigError
 from vixml_ray.model import build_embedder, embed_arrays, tokenize
 from vixml_ray.devices import autocast, compute_dtype, native_bf16
 from vixml_ray.train.engine import TorchEngine

@@ -304,6 +304,40 @@ class TuneConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The online service (``vixml_ray.serve``, ``jobs/serve.py``): HTTP limits, image safety, version polling and
+    the Ray Serve deployments (FastAPI ingress -> batched query encoder -> one deployment per index shard)."""
+
+    host: str = "127.0.0.1"  # where Serve's HTTP proxy listens; set 0.0.0.0 deliberately to expose it
+    port: int = bounded(8000, 1, 65535)
+    max_k: int = bounded(100, 1)  # largest k a request may ask
+    max_queries: int = bounded(64, 1)  # queries per request (more: 413)
+    max_body_bytes: int = bounded(8_388_608, 1024)  # request body (more: 413)
+    max_images: int = bounded(32, 0)  # images per request, all queries together (more: 413)
+    max_image_bytes: int = bounded(4_194_304, 1)  # one image, decoded from base64 or downloaded (more: masked)
+    image_fetch_timeout_s: float = bounded(5.0, 0.1)  # one image download, connect to last byte
+    image_root: Optional[str] = None  # local dir or pyarrow.fs URI; None = local paths and URIs are refused
+    allow_private_urls: bool = False  # image URLs to loopback/private/link-local addresses (SSRF guard)
+    api_key_env: Optional[str] = None  # env var holding the API key; set = /v1/* needs 'Authorization: Bearer'
+    poll_interval_s: float = bounded(5.0, 0.1)  # how often the ingress looks at the index's CURRENT pointer
+    request_timeout_s: float = bounded(30.0, 0.1)  # one encoder or shard call from the ingress
+    ingress_replicas: int = bounded(1, 1)
+    ingress_num_cpus: float = bounded(0.0, 0.0)
+    ingress_max_ongoing_requests: int = bounded(64, 1)
+    max_queued_requests: int = bounded(64, -1)  # requests waiting for an ingress replica beyond that: 503 at once
+    shard_replicas: int = bounded(1, 1)  # replicas of every index shard (2: a killed replica fails no request)
+    shard_max_ongoing_requests: int = bounded(16, 1)
+    encoder_num_cpus: float = bounded(1.0, 0.0)  # also the encoder's torch threads on CPU
+    encoder_num_gpus: float = bounded(0.0, 0.0)
+    encoder_min_replicas: int = bounded(1, 1)
+    encoder_max_replicas: int = bounded(1, 1)  # > encoder_min_replicas: Serve autoscales the encoder between them
+    encoder_target_ongoing_requests: float = bounded(16.0, 0.1)  # autoscaling target per encoder replica
+    encoder_max_ongoing_requests: int = bounded(64, 1)  # must be >= max_batch_size, or batches silently shrink
+    max_batch_size: int = bounded(32, 1)  # requests the encoder embeds together (@serve.batch)
+    batch_wait_timeout_s: float = bounded(0.005, 0.0)
+
+
+@dataclass
 class Config:
     out_dir: str = "outputs"
     cache_dir: str = ".cache/vixml"
@@ -317,6 +351,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 PROMPT_PARTS = ("T1", "T2", "I1", "I2", "E", "V", "EOS")
@@ -454,6 +489,11 @@ def validate(cfg: Config) -> None:
                           "embedding actors (ray-project/ray#54433)")
     if cfg.infer.min_actors > cfg.infer.max_actors:
         raise ConfigError("invalid values: 'infer.min_actors' must not exceed 'infer.max_actors'")
+    if cfg.serve.encoder_min_replicas > cfg.serve.encoder_max_replicas:
+        raise ConfigError("invalid values: 'serve.encoder_min_replicas' must not exceed 'serve.encoder_max_replicas'")
+    if cfg.serve.encoder_max_ongoing_requests < cfg.serve.max_batch_size:
+        raise ConfigError("invalid values: 'serve.encoder_max_ongoing_requests' must be >= 'serve.max_batch_size' "
+                          "(Serve caps a batch at the replica's ongoing requests, ray-project/ray#43288)")
 
 
 def _check_fields(node: Any, prefix: str) -> None:

@@ -1,7 +1,8 @@
 """The built-in end-to-end run behind ``make demo``: the whole pipeline on synthetic multimodal data.
 
 synthetic dataset -> embed_images (Ray Data) -> train text-only and text+image (Ray Train) -> refresh_labels (Ray
-Data into a versioned label index) -> evaluate (sharded FAISS top-k, pyxclib metrics) -> a comparison table and PNG.
+Data into a versioned label index) -> evaluate (sharded FAISS top-k, pyxclib metrics) -> a comparison table and PNG
+-> the text+image model served over HTTP (Ray Serve) answering three test queries.
 The synthetic labels are (topic, attribute) pairs whose attribute only the images show, so text-only P@1 is capped
 near 1 / num_attributes while text+image can pass it.
 
@@ -61,11 +62,47 @@ def run_demo(cfg: Config) -> dict[str, Any]:
                            index_dir=index_dir)
         results[name] = {**{key: round(100 * float(metrics[key]), 2) for key in SHOWN},
                          "train_s": round(float(summary["loop_s"]), 1), "train_wall_s": round(wall, 1)}
+        served = (variant, summary["checkpoint"], index_dir)
     results["plot"] = plot_comparison(results, storage.join(out, "demo.png"), ceiling)
+    results["served"] = serve_queries(*served)
     if started_ray:
         ray.shutdown()  # no log line of a Ray worker can arrive after the table
     print(comparison_table(results), f"plot: {results['plot']}", sep="\n", flush=True)
     return results
+
+
+def serve_queries(cfg: Config, checkpoint: str, index_dir: str, count: int = 3) -> list[dict[str, Any]]:
+    """Starts the online service (:mod:`vixml_ray.serve`) on the export, sends the first ``count`` test queries
+    (text + images as data URIs) over HTTP, prints the answers and stops the service; returns the answers."""
+    import base64
+
+    import requests
+
+    from vixml_ray.data.dataset import open_dataset
+    from vixml_ray.serve.app import application
+    from vixml_ray.serve.run import start, stop
+
+    ds = open_dataset(cfg.data.dataset)
+    images: list[list[str]] = [[] for _ in range(count)]
+    for entry in sorted(ds.image_manifest().to_pylist(), key=lambda m: (m["row"], m["slot"])):
+        uri = ds.image_uri(entry["uri"])
+        if entry["split"] == "test" and entry["row"] < count and storage.exists(uri):
+            fs, path = storage.filesystem(uri)
+            with fs.open_input_stream(path) as f:
+                images[entry["row"]].append("data:image/png;base64," + base64.b64encode(f.read()).decode())
+    queries = [{"text": text, "images": slots} for text, slots in zip(ds.texts("test")[:count], images)]
+    url = start(cfg, application(checkpoint, index_dir, cfg))
+    try:
+        response = requests.post(f"{url}/v1/predict", json={"queries": queries, "k": 3}, timeout=120)
+        response.raise_for_status()
+        answer = response.json()
+    finally:
+        stop()
+    print(f"served by {url} (index version {answer['version']}):", flush=True)
+    for query, result in zip(queries, answer["results"]):
+        labels = ", ".join(f"{label['name']} ({label['score']:.3f})" for label in result["labels"])
+        print(f"  {query['text']!r} + {len(query['images'])} image(s) -> {labels}", flush=True)
+    return answer["results"]
 
 
 def text_only_ceiling(cfg: Config) -> float | None:

@@ -59,7 +59,7 @@ def exclusion_pairs(exclude: np.ndarray | None, num_queries: int) -> tuple[np.nd
 
 
 @dataclass
-class _Generation:
+class Generation:
     manifest: Manifest
     actors: list[Any]
     edges: dict[str, np.ndarray]  # per part: shard i holds rows [edges[i], edges[i + 1])
@@ -70,7 +70,7 @@ class IndexView:
     """One generation of a :class:`ShardedIndex`, pinned by :meth:`ShardedIndex.pinned`: every call answers from
     the same version."""
 
-    def __init__(self, gen: _Generation):
+    def __init__(self, gen: Generation):
         self._gen = gen
 
     @property
@@ -90,6 +90,12 @@ class IndexView:
                              f"got {queries.shape}")
         return queries
 
+    def _fanout(self, method: str, queries: np.ndarray, calls: dict[int, tuple[Any, ...]]) -> list[Any]:
+        """``method(queries, *args)`` on shard ``s`` for every ``s: args`` of ``calls``, answers in that order (the
+        queries are put in the object store once). A Ray Serve front end overrides this to call its deployments."""
+        ref = ray.put(queries)
+        return ray.get([getattr(self._gen.actors[s], method).remote(ref, *args) for s, args in calls.items()])
+
     def _versions(self, versions: set[str]) -> None:
         if versions and versions != {self.version}:
             raise RuntimeError(f"shards answered from versions {sorted(versions)}, expected {self.version}")
@@ -106,8 +112,7 @@ class IndexView:
         queries = self._check(queries, part)
         pairs, extra = exclusion_pairs(exclude, len(queries))
         fetch = k + extra
-        ref = ray.put(queries)
-        parts = ray.get([a.search.remote(ref, fetch, part) for a in self._gen.actors])
+        parts = self._fanout("search", queries, {s: (fetch, part) for s in range(len(self._gen.edges[part]) - 1)})
         self._versions({p[2] for p in parts})
         scores, ids = merge_topk([(p[0], p[1]) for p in parts], fetch)
         if pairs is not None:
@@ -125,10 +130,8 @@ class IndexView:
             raise ValueError(f"pair_scores needs rows and {part} ids of one shape, ids in [0, {edges[-1]})")
         out = np.empty(len(ids), dtype=np.float32)
         shard = np.searchsorted(edges, ids, side="right") - 1
-        ref = ray.put(queries)
-        asked = {s: np.flatnonzero(shard == s) for s in np.unique(shard)}
-        answers = ray.get([self._gen.actors[s].pair_scores.remote(ref, rows[at], ids[at], part)
-                           for s, at in asked.items()])
+        asked = {int(s): np.flatnonzero(shard == s) for s in np.unique(shard)}
+        answers = self._fanout("pair_scores", queries, {s: (rows[at], ids[at], part) for s, at in asked.items()})
         self._versions({version for _, version in answers})
         for at, (scores, _) in zip(asked.values(), answers):
             out[at] = scores
@@ -149,10 +152,10 @@ class ShardedIndex:
         self.parts = tuple(dict.fromkeys(parts))
         self._cond = threading.Condition()
         self._swap_lock = threading.Lock()
-        self._gen: _Generation | None = self._start(version)
+        self._gen: Generation | None = self._start(version)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
-    def _start(self, version: str | None) -> _Generation:
+    def _start(self, version: str | None) -> Generation:
         manifest = read_manifest(self.index_dir, version)
         missing = [p for p in self.parts if not manifest.has_part(p)]
         if missing:
@@ -175,9 +178,9 @@ class ShardedIndex:
                 ray.kill(actor)
             raise
         edges = {p: np.array([lo for lo, _ in b] + [b[-1][1]], dtype=np.int64) for p, b in bounds.items()}
-        return _Generation(manifest, actors, edges)
+        return Generation(manifest, actors, edges)
 
-    def _active(self) -> _Generation:
+    def _active(self) -> Generation:
         if self._gen is None:
             raise RuntimeError("the index is closed")
         return self._gen
@@ -195,7 +198,7 @@ class ShardedIndex:
             self._retire(old)
             return new.manifest.version
 
-    def _retire(self, gen: _Generation | None) -> None:
+    def _retire(self, gen: Generation | None) -> None:
         if gen is None:
             return
         with self._cond:

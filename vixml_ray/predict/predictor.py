@@ -33,7 +33,7 @@ from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
 from vixml_ray.model.inference import array_images, embed_arrays
 from vixml_ray.model.tokens import tokenize
-from vixml_ray.inference.export import absolute_uri, check_feature_model, read_export
+from vixml_ray.inference.export import Export, absolute_uri, check_feature_model, read_export
 from vixml_ray.inference.images import ImageFeaturizer, ImageInput
 from vixml_ray.vision.fetch import fetch_options
 
@@ -55,6 +55,45 @@ class Prediction:
     image_errors: list[str | None] = field(default_factory=list)  # per given image: why it was masked, or None
 
 
+def check_version(manifest: Manifest, export: Export, cfg: Config, index_dir: str) -> None:
+    """Raises unless ``export`` may answer from this index version: its labels were embedded by the export, it holds
+    every part ``cfg`` needs (training queries for RAA), and its label image features came from the export's vision
+    model in the cache dtype."""
+    check_embedded_by(manifest, export, index_dir)
+    served_parts(cfg.infer.raa, manifest, index_dir)  # RAA needs the training queries
+    if export.uses_images:
+        features = manifest.identity.get("features") or {}
+        where = f"index version {manifest.version} of {index_dir}"
+        check_feature_model(features.get("model", {}), cfg, where)
+        if features.get("dtype") != cfg.vision.cache_dtype:
+            raise IncompatibleArtifactError(f"{where}: label image features in {features.get('dtype')}, the "
+                                            f"export's 'vision.cache_dtype' is {cfg.vision.cache_dtype}")
+
+
+class QueryEncoder:
+    """The trained model and (image models) the vision tower: raw queries -> unit query embeddings."""
+
+    def __init__(self, export: Export, cfg: Config, base_uri: str | None = None):
+        self.cfg = cfg
+        device = actor_device(cfg.infer.num_gpus_per_actor, "infer.num_gpus_per_actor")
+        self.embedder = load_export(export.uri).to(device).eval()
+        fetch = fetch_options(cfg, absolute_uri(base_uri or os.getcwd()))
+        self.images = ImageFeaturizer(cfg.vision, fetch) if export.uses_images else None
+        if self.images is not None and self.images.dim != export.image_dim:
+            raise IncompatibleArtifactError(f"the vision tower gives {self.images.dim}-d features, the export "
+                                            f"expects {export.image_dim}")
+
+    def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[list[str | None]]]:
+        """Unit query embeddings float32 [n, hidden] and, per query, why each of its images was masked (or None)."""
+        feats = mask = None
+        errors: list[list[str | None]] = [[] for _ in queries]
+        if self.images is not None:
+            feats, mask, errors = self.images.features([q.images for q in queries])
+        tokens = tokenize(self.embedder.tokenizer, [q.text for q in queries], self.embedder.cfg.model.max_length)
+        images = array_images(feats, mask)
+        return embed_arrays(self.embedder, tokens, images, batch_size=self.cfg.infer.batch_size), errors
+
+
 class Predictor:
     """Holds the trained model, the vision tower (image models) and a sharded index over ``index_dir``.
 
@@ -68,28 +107,14 @@ class Predictor:
         self.index_dir = absolute_uri(index_dir)
         manifest = read_manifest(self.index_dir)
         self._check(manifest)
-        device = actor_device(self.cfg.infer.num_gpus_per_actor, "infer.num_gpus_per_actor")
-        self.embedder = load_export(self.export.uri).to(device).eval()
-        fetch = fetch_options(self.cfg, absolute_uri(base_uri or os.getcwd()))
-        self.images = ImageFeaturizer(self.cfg.vision, fetch) if self.export.uses_images else None
-        if self.images is not None and self.images.dim != self.export.image_dim:
-            raise IncompatibleArtifactError(f"the vision tower gives {self.images.dim}-d features, the export "
-                                            f"expects {self.export.image_dim}")
+        self.encoder = QueryEncoder(self.export, self.cfg, base_uri)
         self._per_version: dict[tuple[str, str], object] = {}
         self._cache_lock = threading.Lock()
         self.index = ShardedIndex(self.index_dir, self.cfg.index, manifest.version,
                                   served_parts(self.cfg.infer.raa, manifest, self.index_dir))
 
     def _check(self, manifest: Manifest) -> None:
-        check_embedded_by(manifest, self.export, self.index_dir)
-        served_parts(self.cfg.infer.raa, manifest, self.index_dir)  # RAA needs the training queries
-        if self.export.uses_images:
-            features = manifest.identity.get("features") or {}
-            where = f"index version {manifest.version} of {self.index_dir}"
-            check_feature_model(features.get("model", {}), self.cfg, where)
-            if features.get("dtype") != self.cfg.vision.cache_dtype:
-                raise IncompatibleArtifactError(f"{where}: label image features in {features.get('dtype')}, the "
-                                                f"export's 'vision.cache_dtype' is {self.cfg.vision.cache_dtype}")
+        check_version(manifest, self.export, self.cfg, self.index_dir)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def swap(self, version: str | None = None) -> str:
@@ -109,14 +134,8 @@ class Predictor:
 
     # -------------------------------------------------------------------------------------------------- queries
     def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[list[str | None]]]:
-        """Unit query embeddings float32 [n, hidden] and, per query, why each of its images was masked (or None)."""
-        feats = mask = None
-        errors: list[list[str | None]] = [[] for _ in queries]
-        if self.images is not None:
-            feats, mask, errors = self.images.features([q.images for q in queries])
-        tokens = tokenize(self.embedder.tokenizer, [q.text for q in queries], self.embedder.cfg.model.max_length)
-        images = array_images(feats, mask)
-        return embed_arrays(self.embedder, tokens, images, batch_size=self.cfg.infer.batch_size), errors
+        """See :meth:`QueryEncoder.embed`."""
+        return self.encoder.embed(queries)
 
     def _cached(self, what: str, version: str, load: Callable[[], T]) -> T:
         """``load()`` of a version's ``what``, kept for the two most recent versions."""
