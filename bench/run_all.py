@@ -34,6 +34,9 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "train": (["--quick"], ["ratio", "ratio_std", "ray_samples_per_s", "plain_samples_per_s"]),
     "fusion": (["--quick"], ["text_only", "text_image", "shuffled_image", "popularity"]),
     "index": (["--quick"], ["ratio", "identical", "refresh_ratio"]),
+    "serve": (["--quick"], ["qps_ratio", "single_qps_ratio", "c1_overhead_ms", "p50_ms", "p99_ms", "errors",
+                            "swap_errors"]),
+    "scale": (["--quick"], ["refresh_ratio", "incremental_fraction", "max_rss_gb"]),
     "quality": (["--dataset", "{cooking}", "--preset", "minilm-cpu", "--minutes", "2", "--seeds", "1"],
                 ["plain", "prototypes", "prototypes_raa"]),
 }
