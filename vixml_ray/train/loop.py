@@ -4,7 +4,9 @@ Side effects go through a :class:`~vixml_ray.train.runtime.Runtime` (metrics, ch
 the model is stepped through an :class:`~vixml_ray.train.engine.Engine` (plain/DDP or DeepSpeed), so the maths here
 is the same whatever runs it. Per epoch: update the clusters by the schedule (and, with PRIME prototypes, every
 label's centroid of its training queries' embeddings), run the global batches, validate (P@k on a split carved from
-TRAIN), report, checkpoint. At the end: the test split once, and the inference export.
+TRAIN), report, checkpoint. At the end: with ``model.classifiers`` the classifier stage on the final encoder's
+training-query embeddings (:mod:`vixml_ray.train.classifiers`; ``train.max_minutes`` covers it, the Siamese epochs
+stop ``train.classifier_loss.reserve_minutes`` earlier), the test split once, and the inference export.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vixml_ray.config import Config, ConfigError
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
+from vixml_ray.train.classifiers import train_classifiers
 from vixml_ray.train.clustering import balanced_clusters
 from vixml_ray.train.engine import Engine, TorchEngine
 from vixml_ray.train.inputs import TrainInputs, load_inputs
@@ -74,6 +77,7 @@ class Trainer:
     total_steps: int  # planned optimiser steps (the LR schedule's length)
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
+    classifier_summary: dict[str, Any] = field(default_factory=dict)  # what the classifier stage did
     _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() at run() minus earlier runs' time
 
     # ----------------------------------------------------------------------------------------------- epochs
@@ -124,14 +128,20 @@ class Trainer:
         return self.finish()
 
     def _reached_limit(self) -> bool:
-        """``train.max_steps`` optimiser steps done, or ``train.max_minutes`` of this process's loop spent (the
-        decision is rank 0's, so every rank stops after the same step)."""
+        """``train.max_steps`` optimiser steps done, or ``train.max_minutes`` of this process's loop spent (less the
+        classifier stage's reserve; the decision is rank 0's, so every rank stops after the same step)."""
         train = self.cfg.train
         if train.max_steps is not None and self.state.step >= train.max_steps:
             return True
-        if train.max_minutes is None:
+        reserve = train.classifier_loss.reserve_minutes if self.cfg.model.classifiers.enabled else 0.0
+        return self._spent(reserve)
+
+    def _spent(self, reserve_minutes: float = 0.0) -> bool:
+        """Whether ``train.max_minutes`` less ``reserve_minutes`` have been spent (rank 0 decides for all)."""
+        if self.cfg.train.max_minutes is None:
             return False
-        return bool(dist.broadcast_object(self._elapsed() >= 60.0 * train.max_minutes))
+        limit = 60.0 * max(0.0, self.cfg.train.max_minutes - reserve_minutes)
+        return bool(dist.broadcast_object(self._elapsed() >= limit))
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._started
@@ -242,10 +252,30 @@ class Trainer:
         log.info("resumed from %s at epoch %d, batch %d, step %d", directory, self.state.epoch, self.state.batch,
                  self.state.step)
 
+    def train_classifiers(self, emb: np.ndarray) -> None:
+        """The classifier stage on the training queries' embeddings ``emb`` (rows of ``sampler.rows``) of the final
+        encoder, within what is left of ``train.max_minutes``; attaches the vectors to the model."""
+        start = time.perf_counter()
+        result = train_classifiers(emb, self.inputs.train_labels[self.sampler.rows], self.cfg.train.classifier_loss,
+                                   self.cfg.train.seed, self.runtime.device, stop=self._spent)
+        self.engine.embedder.set_classifiers(torch.as_tensor(result.weight), torch.as_tensor(result.trained))
+        history = result.history
+        self.classifier_summary = {
+            "classifier_epochs": result.epochs, "classifier_labels": int(result.trained.sum()),
+            "classifier_first_loss": history[0]["loss"] if history else None,
+            "classifier_final_loss": history[-1]["loss"] if history else None,
+            "classifier_s": round(time.perf_counter() - start, 3),
+        }
+        log.info("classifier stage: %s", self.classifier_summary)
+
     # ------------------------------------------------------------------------------------------------- end
     def finish(self) -> dict[str, Any]:
+        emb = None
         if self.engine.embedder.prototypes is not None:  # the served centroids are those of the final model
-            self.update_centroids(self.embed_training_queries())
+            emb = self.embed_training_queries()
+            self.update_centroids(emb)
+        if self.cfg.model.classifiers.enabled:
+            self.train_classifiers(emb if emb is not None else self.embed_training_queries())
         test = self.test()
         export = self.runtime.output_dir
         self.engine.export(export)
@@ -258,6 +288,7 @@ class Trainer:
             "final_loss": history[-1]["last_loss"] if history else None,
             "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else 0.0,
             **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
+            **self.classifier_summary,
             **test,
         }
         return summary
@@ -298,8 +329,9 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     inputs = load_inputs(cfg, load_tokenizer(cfg.model, cfg.cache_dir))
     embedder = build_embedder(cfg, inputs.image_dim, inputs.dataset.num_labels)
     resume = runtime.latest_checkpoint()
-    if embedder.prototypes is not None:
+    if embedder.prototypes is not None or cfg.model.classifiers.enabled:
         embedder.label_catalogue = inputs.dataset.label_catalogue()
+    if embedder.prototypes is not None:
         if not resume:
             init_prototypes(embedder, inputs, cfg, runtime.device)
     positives = PositiveSampler(inputs.train_labels, train.seed,
