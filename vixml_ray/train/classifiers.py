@@ -155,7 +155,8 @@ def train_classifiers(query_emb: np.ndarray, labels: sp.csr_matrix, cfg: Classif
         losses = []
         for rows in sampler.epoch_batches(epoch):
             loss, _ = batch_gradient(table, make_batch(rows, queries, labels, short), cfg.temperature)
-            optimizer.step()
+            with torch.sparse.check_sparse_tensor_invariants(enable=False):  # Adagrad builds valid sparse updates
+                optimizer.step()
             losses.append(loss)
             if stop():
                 halted = True
