@@ -7,12 +7,16 @@ exports; a preset whose ``train.epochs`` fit the budget keeps its full LR schedu
 versioned label index (prototype vectors when the model has them; with retrieval augmentation the version also holds
 the training queries' embeddings), then ``evaluate`` (sharded FAISS top-100, filter pairs removed, pyxclib metrics).
 ``prototypes_raa`` is the ``prototypes`` model evaluated with ``infer.raa.enabled`` against the same index version.
+``classifiers`` adds per-label classifier vectors to the plain model (``model.classifiers``: Siamese epochs, then the
+frozen-encoder classifier stage within the same budget), ``classifiers_raa`` evaluates it with retrieval
+augmentation, and ``classifiers_pretrained`` runs the classifier stage alone on the pretrained encoder
+(``train.epochs=0``): the time-to-quality variant.
 
     python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--out DIR] [key=value ...]
 
 e.g. ``python bench/quality.py --dataset /tmp/cooking --preset minilm-cpu --minutes 20`` (prepare the dataset with
-``jobs/prepare_data.py`` first). Last line: JSON ``{"plain": {...}, "prototypes": {...}, "prototypes_raa": {...}}``,
-each with ``P@1``, ``P@5``, ``nDCG@5``, ``PSP@5`` (percent, test split) and ``train_s``.
+``jobs/prepare_data.py`` first). Last line: JSON ``{"plain": {...}, "prototypes": {...}, "prototypes_raa": {...},
+"classifiers": {...}, ...}``, each with ``P@1``, ``P@5``, ``nDCG@5``, ``PSP@5`` (percent, test split) and ``train_s``.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ def main() -> dict:
         result = run_variant(replace(cfg, **{"model.prototypes.enabled": False}), "plain", work, raa_too=False)
         result.update(run_variant(replace(cfg, **{"model.prototypes.enabled": True}), "prototypes", work,
                                   raa_too=True))
+        classifiers = {"model.prototypes.enabled": False, "model.classifiers.enabled": True}
+        result.update(run_variant(replace(cfg, **classifiers), "classifiers", work, raa_too=True))
+        result.update(run_variant(replace(cfg, **classifiers, **{"train.epochs": 0}), "classifiers_pretrained", work,
+                                  raa_too=False))
         result["minutes"] = args.minutes
         result["seconds"] = round(time.perf_counter() - started, 1)
     finally:
