@@ -21,14 +21,19 @@ from vixml_ray.train.validation import embed_rows
 log = logging.getLogger(__name__)
 
 
-def label_centroids(query_emb: np.ndarray, labels: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """(centroid float32 [L, H], has_centroid bool [L]): each label's exact mean of the embeddings ``query_emb``
-    [N, H] of its queries (rows of ``labels`` [N, L]); zeros and False for a label without queries."""
-    labels = sp.csr_matrix(labels).astype(bool).astype(np.float64)  # a copy: relevance values do not weigh
-    counts = np.asarray(labels.sum(axis=0)).ravel()
-    sums = labels.T @ np.asarray(query_emb, dtype=np.float64)
-    centroid = sums / np.maximum(counts, 1)[:, None]
-    return centroid.astype(np.float32), counts > 0
+def label_centroids(query_emb: np.ndarray, labels: sp.csr_matrix, block_labels: int = 1 << 16
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(centroid float32 [L, H], has_centroid bool [L]): each label's mean of the embeddings ``query_emb`` [N, H]
+    of its queries (rows of ``labels`` [N, L]; float32 sums); zeros and False for a label without queries. Memory:
+    the output and one block of ``block_labels`` labels' sums on top of the inputs (a million labels fit)."""
+    by_label = sp.csc_matrix(labels).astype(bool).astype(np.float32)  # a copy: relevance values do not weigh
+    counts = np.diff(by_label.indptr)
+    emb = np.asarray(query_emb, dtype=np.float32)
+    centroid = np.empty((by_label.shape[1], emb.shape[1]), dtype=np.float32)
+    for lo in range(0, by_label.shape[1], block_labels):
+        centroid[lo:lo + block_labels] = by_label[:, lo:lo + block_labels].T @ emb
+    centroid /= np.maximum(counts, 1)[:, None]
+    return centroid, counts > 0
 
 
 def cluster_labels(label_emb: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
