@@ -235,3 +235,11 @@ def test_the_export_refuses_another_label_catalogue(ray_session: object, trained
 def test_a_fusion_of_zero_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fusion"):
         _config(tmp_path, **{"model.classifiers.fusion": 0})
+
+
+def test_the_stage_alone_on_the_untrained_encoder(trained: tuple[Path, str, dict], tmp_path: Path) -> None:
+    """``train.epochs=0``: no Siamese step, the classifier stage on the encoder as loaded, then test and export."""
+    root, out, _ = trained
+    summary = train(_config(root, out, **{"train.epochs": 0}), run_dir=str(tmp_path / "run"), resume=False)
+    assert summary["steps"] == 0 and summary["classifier_epochs"] == 3 and "test_P@1" in summary
+    assert load_export(summary["checkpoint"]).classifiers.trained.any()
