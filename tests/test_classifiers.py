@@ -183,7 +183,8 @@ def _served(export_uri: str, dataset: str) -> tuple[np.ndarray, np.ndarray, np.n
     export = load_export(export_uri).eval()
     ds = open_dataset(dataset)
     tokenizer = load_tokenizer(export.cfg.model, export.cfg.cache_dir)
-    texts = {split: [str(t) for t in ds.table(split, ["text"]).column("text").to_pylist()] for split in ("label", "test")}
+    texts = {split: [str(t) for t in ds.table(split, ["text"]).column("text").to_pylist()]
+             for split in ("label", "test")}
     text_emb = embed_arrays(export, tokenize(tokenizer, texts["label"], export.cfg.model.max_length))
     queries = embed_arrays(export, tokenize(tokenizer, texts["test"], export.cfg.model.max_length))
     weight = export.classifiers.weight.float().numpy()
