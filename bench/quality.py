@@ -10,6 +10,10 @@ retrieval augmentation the version also holds the training queries' embeddings),
 top-100, filter pairs removed, pyxclib metrics). ``prototypes_raa`` is the ``prototypes`` model evaluated with
 ``infer.raa.enabled`` against the same index version. Each variant trains ``--seeds`` times, with ``train.seed`` =
 the config's seed + 0, 1, ...; every run prints its own JSON line.
+``classifiers`` adds per-label classifier vectors to the plain model (``model.classifiers``: Siamese epochs, then the
+frozen-encoder classifier stage within the same budget), ``classifiers_raa`` evaluates it with retrieval
+augmentation, and ``classifiers_pretrained`` runs the classifier stage alone on the pretrained encoder
+(``train.epochs=0``): the time-to-quality variant.
 
     python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--seeds N] [--out DIR] [key=value ...]
 
@@ -87,11 +91,16 @@ def aggregate(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+VARIANTS = ("plain", "prototypes", "classifiers", "classifiers_pretrained")
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a prepared dataset directory (jobs/prepare_data.py)")
     parser.add_argument("--preset", required=True, help="training preset name or YAML file (e.g. minilm-cpu)")
     parser.add_argument("--minutes", type=float, default=20.0, help="training-side budget per run")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="models to train (each with RAA too where it says so in the module doc)")
     parser.add_argument("--seeds", type=int, default=3, help="runs per variant (train.seed + 0, 1, ...)")
     parser.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every configuration")
@@ -105,8 +114,12 @@ def main() -> dict:
     cfg = load_config(args.preset, [*args.overrides, f"data.dataset={dataset}", f"out_dir={work}",
                                     f"train.max_minutes={args.minutes}"])
     seeds = [cfg.train.seed + i for i in range(args.seeds)]
+    classifiers = {"model.prototypes.enabled": False, "model.classifiers.enabled": True}
     variants = {"plain": ({"model.prototypes.enabled": False}, False),
-                "prototypes": ({"model.prototypes.enabled": True}, True)}
+                "prototypes": ({"model.prototypes.enabled": True}, True),
+                "classifiers": (classifiers, True),
+                "classifiers_pretrained": ({**classifiers, "train.epochs": 0}, False)}
+    variants = {name: variants[name] for name in args.variants}
     runs: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
     try:

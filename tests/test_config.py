@@ -26,7 +26,7 @@ def test_defaults_and_overrides() -> None:
         ("data.synthetic.num_topic=3", "did you mean 'data.synthetic.num_topics'"),
         ("train.epochs=abc", "invalid value for 'train.epochs'"),
         ("model.kind=foo", "'model.kind': 'foo' (choices: auto, encoder, decoder)"),
-        ("train.epochs=0", "'train.epochs': 0 (must be >= 1)"),
+        ("train.epochs=-1", "'train.epochs': -1 (must be >= 0)"),
         ("prompt.sequence=[E,X]", "unknown part 'X'"),
         ("train.epochs", "not of the form key=value"),
     ],

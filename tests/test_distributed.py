@@ -184,7 +184,9 @@ def zero3(base: Config) -> Run:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-PROTOTYPES = {"model.prototypes.enabled": True, "model.prototypes.num_clusters": 16, "model.prototypes.dropout": 0.0}
+PROTOTYPES = {"model.prototypes.enabled": True, "model.prototypes.num_clusters": 16, "model.prototypes.dropout": 0.0,
+              "model.classifiers.enabled": True, "train.classifier_loss.epochs": 2,
+              "train.classifier_loss.batch_size": 64, "train.classifier_loss.cluster_size": 8}
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +252,9 @@ def test_one_worker_matches_two_workers_and_the_golden_losses(base: Config, ddp:
 
 
 def test_prototypes_under_zero3_match_one_process(base: Config, zero3_prototypes: Run, tmp_path: Path) -> None:
-    """PRIME prototypes (free vectors, combiner, per-epoch centroids) keep the global-batch semantics under ZeRO-3:
-    2 workers give the 1-process losses, and the export carries the trained prototypes."""
+    """PRIME prototypes (free vectors, combiner, per-epoch centroids) and the classifier stage keep the global-batch
+    semantics under ZeRO-3: 2 workers give the 1-process losses and classifier vectors, and the export carries the
+    trained prototypes."""
     from vixml_ray.model import load_export
     from vixml_ray.train import train
 
@@ -266,6 +269,10 @@ def test_prototypes_under_zero3_match_one_process(base: Config, zero3_prototypes
     export = load_export(zero3_prototypes.summary["checkpoint"])
     assert export.prototypes is not None and bool(export.prototypes.has_centroid.all())
     assert float(export.prototypes.free.detach().abs().sum()) > 0
+    alone = load_export(str(tmp_path / "one" / "export"))
+    assert zero3_prototypes.summary["classifier_epochs"] == 2 and export.classifiers.trained.any()
+    assert torch.equal(export.classifiers.trained, alone.classifiers.trained)
+    torch.testing.assert_close(export.classifiers.weight, alone.classifiers.weight, atol=1e-4, rtol=1e-4)
 
 
 def test_rerun_after_a_failure_resumes_from_its_checkpoint(ddp: Run, rerun: tuple[Run, Run]) -> None:

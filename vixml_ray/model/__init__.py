@@ -3,7 +3,7 @@
 Public API::
 
     build_embedder(cfg, image_dim, num_labels=None) -> Embedder  # forward(ids, lengths, image_feats, image_mask)
-    embedder.label_vectors(text_emb, label_rows)    # PRIME prototypes when model.prototypes.enabled
+    embedder.label_vectors(text_emb, label_rows)    # model.prototypes / model.classifiers vectors of labels
     load_export(directory) -> Embedder
     load_tokenizer(cfg.model, cfg.cache_dir)
     tokenize(tokenizer, texts, max_length) -> TokenArrays;  save_tokens / load_tokens

@@ -13,6 +13,11 @@ With ``model.prototypes.enabled`` the embedder also owns the PRIME label prototy
 (:class:`~vixml_ray.model.prototypes.LabelPrototypes`): :meth:`Embedder.label_vectors` turns label text embeddings
 into the vectors labels are scored with; the export then records ``num_labels`` and carries the prototypes' weights
 and buffers (label clusters, centroids).
+
+With ``model.classifiers.enabled`` a trained model also carries per-label classifier vectors
+(:class:`~vixml_ray.model.classifiers.LabelClassifiers`, set by the training's classifier stage through
+:meth:`Embedder.set_classifiers`): :meth:`Embedder.label_vectors` then serves them (fused with the Siamese vector),
+and the export records ``num_labels``, ``classifiers: true`` and carries the vectors.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from vixml_ray.config import Config, read_config, to_yaml
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray import devices
 from vixml_ray.model.backbone import load_backbone
+from vixml_ray.model.classifiers import LabelClassifiers
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
 from vixml_ray.model.prototypes import LabelPrototypes
 
@@ -65,7 +71,9 @@ class Embedder(nn.Module):
         self.backbone = backbone.model
         self.projection = nn.Linear(image_dim, self.hidden_size) if self.image_dim is not None else None
         self.prototypes: LabelPrototypes | None = None
-        self.label_catalogue: str | None = None  # the label set the prototypes index (Dataset.label_catalogue)
+        self.label_catalogue: str | None = None  # the label set the per-label vectors index (Dataset.label_catalogue)
+        # per-label classifier vectors: none until the classifier stage (or an export) sets them
+        self.classifiers: LabelClassifiers | None = None
         if model_cfg.prototypes.enabled:
             if num_labels is None:
                 raise ConfigError("'model.prototypes.enabled' is true but the number of labels was not given")
@@ -73,8 +81,23 @@ class Embedder(nn.Module):
 
     @property
     def num_labels(self) -> int | None:
-        """The label count the prototypes were built for (None without prototypes)."""
-        return self.prototypes.num_labels if self.prototypes is not None else None
+        """The label count the per-label vectors (prototypes, classifiers) were built for (None without them)."""
+        for part in (self.prototypes, self.classifiers):
+            if part is not None:
+                return part.num_labels
+        return None
+
+    def set_classifiers(self, weight: torch.Tensor, trained: torch.Tensor) -> None:
+        """Attaches (or replaces) the per-label classifier vectors (float [L, H]) and which labels have one (bool
+        [L]); needs ``model.classifiers.enabled``."""
+        if not self.cfg.model.classifiers.enabled:
+            raise ConfigError("classifier vectors need 'model.classifiers.enabled'")
+        if self.prototypes is not None and len(weight) != self.prototypes.num_labels:
+            raise ValueError(f"{len(weight)} classifier vectors for {self.prototypes.num_labels} prototype labels")
+        if self.classifiers is None or self.classifiers.num_labels != len(weight):
+            device = next(self.parameters()).device
+            self.classifiers = LabelClassifiers(self.cfg.model.classifiers, len(weight), self.hidden_size).to(device)
+        self.classifiers.set_vectors(weight, trained)
 
     # ----------------------------------------------------------------------------------------------- forward
     def assemble(self, text_ids: torch.Tensor, text_lengths: torch.Tensor, image_feats: torch.Tensor | None = None,
@@ -115,11 +138,15 @@ class Embedder(nn.Module):
         return F.normalize(pool(hidden.float(), layout.lengths, self.pooling), dim=-1)
 
     def label_vectors(self, text_emb: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
-        """The vectors labels are scored with: their prototypes when the model has them, else ``text_emb``."""
-        if self.prototypes is None:
-            return text_emb
-        with self.autocast(text_emb.device):
-            return self.prototypes(text_emb, label_rows)
+        """The vectors labels are scored with: their prototypes when the model has them, else ``text_emb``; with
+        classifier vectors, those fused with it (:class:`~vixml_ray.model.classifiers.LabelClassifiers`)."""
+        vectors = text_emb
+        if self.prototypes is not None:
+            with self.autocast(text_emb.device):
+                vectors = self.prototypes(text_emb, label_rows)
+        if self.classifiers is not None:
+            vectors = self.classifiers(vectors, label_rows)
+        return vectors
 
     # ---------------------------------------------------------------------------------------------- training
     def param_groups(self, lr_backbone: float, lr_projection: float, weight_decay: float,
@@ -144,10 +171,11 @@ class Embedder(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs: every trainable tensor (adapter + projection, or all for a full fine-tune) and
-        the prototypes' buffers (label clusters, centroids)."""
+        the buffers of the prototypes (label clusters, centroids) and of the classifiers (vectors)."""
         state = {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-        if self.prototypes is not None:
-            state.update({f"prototypes.{name}": b.detach() for name, b in self.prototypes.named_buffers()})
+        for prefix, part in (("prototypes", self.prototypes), ("classifiers", self.classifiers)):
+            if part is not None:
+                state.update({f"{prefix}.{name}": b.detach() for name, b in part.named_buffers()})
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -170,7 +198,7 @@ class Embedder(nn.Module):
             storage.write_json(storage.join(staging, EXPORT_FILE), {
                 "format": EXPORT_FORMAT, "image_dim": self.image_dim, "kind": self.kind,
                 "hidden_size": self.hidden_size, "num_tensors": len(tensors), "num_labels": self.num_labels,
-                "label_catalogue": self.label_catalogue,
+                "label_catalogue": self.label_catalogue, "classifiers": self.classifiers is not None,
             })
 
 
@@ -210,5 +238,7 @@ def load_export(directory: str) -> Embedder:
     fs, path = storage.filesystem(storage.join(root, WEIGHTS_FILE))
     with fs.open_input_stream(path) as f:
         state = load_safetensors(f.read())
+    if meta.get("classifiers"):
+        embedder.set_classifiers(state["classifiers.weight"], state["classifiers.trained"])
     embedder.load_trainable_state_dict(state)
     return embedder

@@ -4,12 +4,14 @@ Side effects go through a :class:`~vixml_ray.train.runtime.Runtime` (metrics, ch
 the model is stepped through an :class:`~vixml_ray.train.engine.Engine` (plain/DDP or DeepSpeed), so the maths here
 is the same whatever runs it. Per epoch: update the clusters by the schedule (and, with PRIME prototypes, every
 label's centroid of its training queries' embeddings), run the global batches, validate (P@k on a split carved from
-TRAIN), report, checkpoint. At the end: the test split once, and the inference export.
+TRAIN), report, checkpoint. At the end: with ``model.classifiers`` the classifier stage on the final encoder's
+training-query embeddings (:mod:`vixml_ray.train.classifiers`), the test split once, and the inference export.
 
 ``train.max_minutes`` bounds the whole training side, everything before the test: the prototypes' label clustering,
-every clustering and centroid pass, the steps, validations and checkpoints, and the final centroid pass. The loop
-stops before a step (or an epoch's start passes) when the time spent plus what must still follow (the last
-validation and centroid pass, predicted from the measured embedding rate) reaches the budget; a budget smaller than
+every clustering and centroid pass, the steps, validations and checkpoints, the final pass over the training
+queries and the classifier stage. The loop stops before a step (or an epoch's start passes) when the time spent plus
+what must still follow (the last validation and final pass, predicted from the measured embedding rate, and
+``train.classifier_loss.reserve_minutes`` for the classifier stage, which stops itself at the budget) reaches it; a budget smaller than
 the prototypes' set-up and final centroid pass themselves gets those two and no step. The time spent is
 carried across resumes and the decision is rank 0's; the run summary reports it as ``train_side_s``.
 """
@@ -37,6 +39,7 @@ from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
+from vixml_ray.train.classifiers import train_classifiers
 from vixml_ray.train.clustering import balanced_clusters
 from vixml_ray.train.engine import Engine, TorchEngine, learning_rates
 from vixml_ray.train.inputs import TrainInputs, load_inputs
@@ -111,6 +114,7 @@ class Trainer:
     total_steps: int  # planned optimiser steps (the LR schedule's length)
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
+    classifier_summary: dict[str, Any] = field(default_factory=dict)  # what the classifier stage did
     _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() at run() minus earlier runs' time
     # seconds per row of the latest no-grad embedding pass (None before one; the prototypes' set-up gives the first),
     # per item of the steps so far, and of the latest query clustering: what predicts the passes still to come
@@ -175,15 +179,21 @@ class Trainer:
 
     def _reached_limit(self, upcoming: float = 0.0) -> bool:
         """``train.max_steps`` optimiser steps done, or the ``train.max_minutes`` budget reached by the training-side
-        time spent plus ``upcoming`` seconds of work before the next step plus the predicted end passes (the
-        decision is rank 0's, so every rank stops at the same point)."""
+        time spent plus ``upcoming`` seconds of work before the next step plus the predicted end passes and, with
+        classifier vectors, ``train.classifier_loss.reserve_minutes`` for their stage (the decision is rank 0's, so
+        every rank stops at the same point)."""
         train = self.cfg.train
         if train.max_steps is not None and self.state.step >= train.max_steps:
             return True
-        if train.max_minutes is None:
+        reserve = 60.0 * train.classifier_loss.reserve_minutes if self.cfg.model.classifiers.enabled else 0.0
+        return self._spent(upcoming + self._end_passes_s() + reserve)
+
+    def _spent(self, ahead_s: float = 0.0) -> bool:
+        """Whether the training-side time spent plus ``ahead_s`` seconds reaches ``train.max_minutes`` (rank 0
+        decides for all)."""
+        if self.cfg.train.max_minutes is None:
             return False
-        needed = self._elapsed() + upcoming + self._end_passes_s()
-        return bool(dist.broadcast_object(needed >= 60.0 * train.max_minutes))
+        return bool(dist.broadcast_object(self._elapsed() + ahead_s >= 60.0 * self.cfg.train.max_minutes))
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._started
@@ -202,9 +212,9 @@ class Trainer:
 
     def _end_passes_s(self) -> float:
         """Predicted seconds of what follows the last step before the test: the last validation and, with
-        prototypes, the final centroid pass over the training queries."""
-        centroids = self._pass_s(len(self.sampler.rows)) if self.engine.embedder.prototypes is not None else 0.0
-        return self._validation_s() + centroids
+        prototypes or classifier vectors, the final pass over the training queries."""
+        final_pass = self.engine.embedder.prototypes is not None or self.cfg.model.classifiers.enabled
+        return self._validation_s() + (self._pass_s(len(self.sampler.rows)) if final_pass else 0.0)
 
     def _start_epoch_s(self, epoch: int) -> float:
         """Predicted seconds of :meth:`start_epoch` (0 when it embeds nothing): a pass over the training queries,
@@ -331,10 +341,30 @@ class Trainer:
         log.info("resumed from %s at epoch %d, batch %d, step %d", directory, self.state.epoch, self.state.batch,
                  self.state.step)
 
+    def train_classifiers(self, emb: np.ndarray) -> None:
+        """The classifier stage on the training queries' embeddings ``emb`` (rows of ``sampler.rows``) of the final
+        encoder, within what is left of ``train.max_minutes``; attaches the vectors to the model."""
+        start = time.perf_counter()
+        result = train_classifiers(emb, self.inputs.train_labels[self.sampler.rows], self.cfg.train.classifier_loss,
+                                   self.cfg.train.seed, self.runtime.device, stop=self._spent)
+        self.engine.embedder.set_classifiers(torch.as_tensor(result.weight), torch.as_tensor(result.trained))
+        history = result.history
+        self.classifier_summary = {
+            "classifier_epochs": result.epochs, "classifier_labels": int(result.trained.sum()),
+            "classifier_first_loss": history[0]["loss"] if history else None,
+            "classifier_final_loss": history[-1]["loss"] if history else None,
+            "classifier_s": round(time.perf_counter() - start, 3),
+        }
+        log.info("classifier stage: %s", self.classifier_summary)
+
     # ------------------------------------------------------------------------------------------------- end
     def finish(self) -> dict[str, Any]:
-        if self.engine.embedder.prototypes is not None:  # the served centroids are those of the final model
-            self.update_centroids(self.embed_training_queries())
+        prototypes, classifiers = self.engine.embedder.prototypes is not None, self.cfg.model.classifiers.enabled
+        emb = self.embed_training_queries() if prototypes or classifiers else None  # by the final model
+        if prototypes:
+            self.update_centroids(emb)
+        if classifiers:
+            self.train_classifiers(emb)
         self.state.train_s = self._elapsed()  # everything before the test
         test = self.test()
         export = self.runtime.output_dir
@@ -349,6 +379,7 @@ class Trainer:
             "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else 0.0,
             "train_side_s": round(self.state.train_s, 1),
             **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
+            **self.classifier_summary,
             **test,
         }
         return summary
@@ -390,8 +421,9 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     embedder = build_embedder(cfg, inputs.image_dim, inputs.dataset.num_labels)
     resume = runtime.latest_checkpoint()
     setup_s = 0.0  # training-side time before the loop (inside the budget; a resumed run carries its own)
-    if embedder.prototypes is not None:
+    if embedder.prototypes is not None or cfg.model.classifiers.enabled:
         embedder.label_catalogue = inputs.dataset.label_catalogue()
+    if embedder.prototypes is not None:
         if not resume:
             start = time.perf_counter()
             init_prototypes(embedder, inputs, cfg, runtime.device)

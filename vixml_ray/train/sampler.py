@@ -127,6 +127,12 @@ class GlobalBatchSampler:
         self.set_clusters(None if ids is None else np.asarray(ids, dtype=np.int64), state["cluster_size"])
 
 
+def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous share of a global batch; the shares of all ranks partition it in order."""
+    bounds = slice_bounds(len(batch), world_size)
+    return batch[bounds[rank] : bounds[rank + 1]]
+
+
 def slice_bounds(n: int, world_size: int) -> np.ndarray:
     """``world_size + 1`` boundaries splitting ``n`` rows into near-equal contiguous shares (larger ones first)."""
     if world_size < 1:
