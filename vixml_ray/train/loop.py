@@ -377,7 +377,7 @@ class Trainer:
             "first_loss": self.state.first_loss,
             "final_loss": history[-1]["last_loss"] if history else None,
             "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else 0.0,
-            "train_side_s": round(self.state.train_s, 1),
+            "train_side_s": round(self.state.train_s, 3),
             **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             **self.classifier_summary,
             **test,
