@@ -12,10 +12,11 @@ top-100, filter pairs removed, pyxclib metrics). ``prototypes_raa`` is the ``pro
 the config's seed + 0, 1, ...; every run prints its own JSON line.
 ``classifiers`` adds per-label classifier vectors to the plain model (``model.classifiers``: Siamese epochs, then the
 frozen-encoder classifier stage within the same budget), ``classifiers_raa`` evaluates it with retrieval
-augmentation, and ``classifiers_pretrained`` runs the classifier stage alone on the pretrained encoder
-(``train.epochs=0``): the time-to-quality variant.
+augmentation, and ``classifiers_pretrained`` (+ ``classifiers_pretrained_raa``) runs the classifier stage alone on
+the pretrained encoder (``train.epochs=0``): the time-to-quality variant. ``--variants`` trains only some.
 
-    python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--seeds N] [--out DIR] [key=value ...]
+    python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--seeds N] [--variants V ...] [--out DIR]
+                            [key=value ...]
 
 e.g. ``python bench/quality.py --dataset /tmp/cooking --preset minilm-cpu --minutes 10 --seeds 3`` (prepare the
 dataset with ``jobs/prepare_data.py`` first; a nameless catalogue, whose labels' text is their uid, with
@@ -118,7 +119,7 @@ def main() -> dict:
     variants = {"plain": ({"model.prototypes.enabled": False}, False),
                 "prototypes": ({"model.prototypes.enabled": True}, True),
                 "classifiers": (classifiers, True),
-                "classifiers_pretrained": ({**classifiers, "train.epochs": 0}, False)}
+                "classifiers_pretrained": ({**classifiers, "train.epochs": 0}, True)}
     variants = {name: variants[name] for name in args.variants}
     runs: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
