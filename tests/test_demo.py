@@ -29,7 +29,12 @@ def test_run_demo_small(ray_session: Any, tmp_path: Path, capsys: pytest.Capture
     finally:
         torch.set_num_threads(threads)  # the loop sets torch threads to cpus_per_worker: here, this process
 
-    assert set(results) == {*VARIANTS, "plot"}
+    assert set(results) == {*VARIANTS, "plot", "served"}
+    # the text+image model answered three test queries over HTTP: three ranked labels each, best first
+    assert len(results["served"]) == 3
+    for answer in results["served"]:
+        scores = [label["score"] for label in answer["labels"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True), answer
     for name in VARIANTS:
         row = results[name]
         assert set(row) == {*SHOWN, "train_s", "train_wall_s"}, name
