@@ -81,6 +81,22 @@ def make_export(out: Path, cfg: Config, seed: int = 0) -> str:
     return str(out)
 
 
+def evaluated_setup(tmp: Path, cfg: Config) -> tuple[str, str, str]:
+    """(dataset, export, index) under ``tmp``: a dataset whose features come from the real embedding pipeline, a
+    random export, its label index, and its evaluation in ``tmp / "eval"`` (needs Ray)."""
+    from vixml_ray.eval.evaluate import evaluate
+    from vixml_ray.index.refresh import refresh_labels
+    from vixml_ray.vision.pipeline import embed_images
+
+    dataset = make_dataset(tmp / "ds", cfg)
+    embed_images(cfg, dataset, progress=False)
+    export = make_export(tmp / "export", cfg)
+    index = str(tmp / "index")
+    refresh_labels(export, dataset, index)
+    evaluate(export, dataset, str(tmp / "eval"), index_dir=index)
+    return dataset, export, index
+
+
 def reference_embeddings(export: str, dataset: str, split: str) -> np.ndarray:
     """Every row of ``split`` embedded in this process, in row order (the refresh and evaluation must agree)."""
     embedder = load_export(export)

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference_helpers import inference_config, make_dataset, make_export
+from inference_helpers import evaluated_setup, inference_config
 from vixml_ray.cli import run
 from vixml_ray.data.dataset import open_dataset
-from vixml_ray.eval.evaluate import evaluate, read_predictions
+from vixml_ray.eval.evaluate import read_predictions
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.predict.predictor import Predictor, Query
-from vixml_ray.vision.pipeline import embed_images
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,7 @@ def setup(ray_session, tmp_path_factory):
     """A dataset whose features come from the real embedding pipeline, the export, its index and its evaluation."""
     tmp = tmp_path_factory.mktemp("predict")
     cfg = inference_config(tmp)
-    dataset = make_dataset(tmp / "ds", cfg)
-    embed_images(cfg, dataset, progress=False)
-    export = make_export(tmp / "export", cfg)
-    index = str(tmp / "index")
-    refresh_labels(export, dataset, index)
-    evaluate(export, dataset, str(tmp / "eval"), index_dir=index)
+    dataset, export, index = evaluated_setup(tmp, cfg)
     return {"tmp": tmp, "cfg": cfg, "dataset": dataset, "export": export, "index": index,
             "predictions": read_predictions(str(tmp / "eval")), "images": query_images(dataset)}
 

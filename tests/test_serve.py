@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 import ray
 
-from inference_helpers import inference_config, make_dataset, make_export
+from inference_helpers import evaluated_setup, inference_config, make_export
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.eval.evaluate import evaluate, read_predictions
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.index.versions import current_version, set_current
 from vixml_ray.serve.app import application
 from vixml_ray.serve.run import start, stop
-from vixml_ray.vision.pipeline import embed_images
 
 pytestmark = pytest.mark.slow
 KEY_ENV = "VIXML_TEST_SERVE_KEY"
@@ -64,12 +63,7 @@ def build(tmp: Path, port: int) -> dict:
     common = [f"serve.port={port}", "serve.encoder_num_cpus=0", "serve.poll_interval_s=0.5", "serve.max_k=20",
               "serve.max_queries=30", "serve.max_images=80", "serve.max_body_bytes=400000", "serve.request_timeout_s=20"]
     cfg = inference_config(tmp, *common, f"serve.image_root={root}")
-    dataset = make_dataset(tmp / "ds", cfg)
-    embed_images(cfg, dataset, progress=False)
-    export = make_export(tmp / "export", cfg)
-    index = str(tmp / "index")
-    refresh_labels(export, dataset, index)
-    evaluate(export, dataset, str(tmp / "eval"), index_dir=index)
+    dataset, export, index = evaluated_setup(tmp, cfg)
 
     raa_cfg = inference_config(tmp, *common, "model.use_images=false", "infer.raa.enabled=true", "infer.raa.lam=0.5",
                                "infer.raa.neighbors=8", "serve.shard_replicas=2", f"serve.api_key_env={KEY_ENV}",
