@@ -1,4 +1,4 @@
-"""The one contract of the eight jobs, run as the user runs them (subprocesses): a bad config key, a missing input
+"""The one contract of every job, run as the user runs them (subprocesses): a bad config key, a missing input
 path or a malformed input line exits 2 with one ``error:`` line naming the key, path or file:line, before Ray starts;
 a bug exits 1 with its traceback; ``vixml-ray --help`` lists the jobs."""
 
@@ -27,7 +27,8 @@ ENV = {  # what the Makefile exports; PYTHONPATH: this checkout's package
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
 }
-EIGHT = ["demo", "embed_images", "evaluate", "predict", "prepare_data", "refresh_labels", "sweep", "train"]
+JOB_NAMES = ["demo", "embed_images", "evaluate", "predict", "prepare_data", "refresh_labels", "serve", "sweep",
+             "train"]
 
 
 def run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -46,9 +47,9 @@ def user_error(proc: subprocess.CompletedProcess, nothing_ran: bool = True) -> s
     return lines[-1]
 
 
-def test_the_registry_holds_the_eight_jobs_and_a_shim_each() -> None:
-    assert sorted(JOBS) == EIGHT
-    for name in EIGHT:
+def test_the_registry_holds_every_job_and_a_shim_each() -> None:
+    assert sorted(JOBS) == JOB_NAMES
+    for name in JOB_NAMES:
         assert f'job_main("{name}")' in (ROOT / "jobs" / f"{name}.py").read_text()
 
 
@@ -62,18 +63,19 @@ def job_args(name: str, tmp: Path) -> list[str]:
         "predict": ["--checkpoint", missing, "--index", missing, "--queries", missing, "--out", str(tmp / "o.jsonl")],
         "prepare_data": ["--source", missing, "--out", str(tmp / "out")],
         "refresh_labels": ["--checkpoint", missing, "--dataset", missing, "--out", str(tmp / "index")],
+        "serve": ["--checkpoint", missing, "--index", missing],
         "sweep": ["--config", "sweep-tiny"],
         "train": ["--config", "tiny"],
     }[name]
 
 
-@pytest.mark.parametrize("name", EIGHT)
+@pytest.mark.parametrize("name", JOB_NAMES)
 def test_a_misspelled_config_key_is_named_before_any_input_is_read(name: str, tmp_path: Path) -> None:
     line = user_error(run(f"jobs/{name}.py", *job_args(name, tmp_path), "train.epoch=3"))
     assert "unknown config key 'train.epoch'" in line and "did you mean 'train.epochs'?" in line
 
 
-@pytest.mark.parametrize("name", EIGHT)
+@pytest.mark.parametrize("name", JOB_NAMES)
 def test_a_missing_input_path_is_named(name: str, tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-dir")
     present = str(tmp_path)
@@ -84,6 +86,7 @@ def test_a_missing_input_path_is_named(name: str, tmp_path: Path) -> None:
         "predict": ["--checkpoint", present, "--index", present, "--queries", missing, "--out", str(tmp_path / "o")],
         "prepare_data": ["--source", missing, "--out", str(tmp_path / "out")],
         "refresh_labels": ["--checkpoint", missing, "--dataset", present, "--out", str(tmp_path / "index")],
+        "serve": ["--checkpoint", present, "--index", missing],
         "sweep": ["--config", "sweep-tiny", f"data.dataset={tmp_path / 'ds'}", f"data.source={missing}"],
         "train": ["--config", "tiny", f"data.dataset={missing}"],
     }[name]
@@ -141,6 +144,6 @@ def test_the_console_entry_point_lists_the_jobs() -> None:
     proc = run("-m", "vixml_ray.cli", "--help")
     assert proc.returncode == 0
     listed = proc.stdout.split("positional arguments:")[1]
-    assert all(f"    {name}" in listed for name in EIGHT)
+    assert all(f"    {name}" in listed for name in JOB_NAMES)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"vixml-ray": "vixml_ray.cli:main"}

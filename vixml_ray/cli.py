@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from vixml_ray import storage
-from vixml_ray.config import Config, check_overrides, load_config
+from vixml_ray.config import Config, check_overrides, load_config, replace
 from vixml_ray.errors import ConfigError, VixmlError
 
 Summary = dict[str, Any]
@@ -335,6 +335,29 @@ def demo(args: argparse.Namespace, cfg: Config) -> Summary:
     from vixml_ray.demo import run_demo
 
     return run_demo(cfg)
+
+
+@job("""serve: the online scoring service (Ray Serve) over a label index, until interrupted.
+
+    vixml-ray serve --checkpoint EXPORT_DIR --index INDEX_DIR [--port 8000] [--config FILE] [key=value ...]
+
+Starts a private local Ray on 127.0.0.1 (or joins RAY_ADDRESS), deploys vixml_ray.serve.app (FastAPI ingress,
+batched query encoder, one deployment per index shard), prints {"url": ...} as a JSON line once it answers, and
+serves until Ctrl-C or SIGTERM; then it deletes the application and stops Serve. The service follows the index's
+CURRENT version (serve.poll_interval_s). Settings: the serve.* section of the config (vixml_ray/config.py), e.g.
+serve.shard_replicas=2 serve.api_key_env=VIXML_API_KEY. The same app runs under the Serve CLI:
+``serve run vixml_ray.serve.app:build checkpoint=EXPORT_DIR index=INDEX_DIR``.
+""",
+     flag("--checkpoint", required=True, help="inference export directory of a training run"),
+     flag("--index", required=True, help="index directory written by refresh_labels"),
+     flag("--port", type=_positive, help="HTTP port (default: serve.port)"),
+     inputs=("checkpoint", "index"), export_config=True)
+def serve(args: argparse.Namespace, cfg: Config) -> Summary:
+    from vixml_ray.serve.run import serve_until_stopped
+
+    if args.port:
+        cfg = replace(cfg, **{"serve.port": args.port})
+    return serve_until_stopped(cfg, args.checkpoint, args.index)
 
 
 if __name__ == "__main__":
