@@ -127,7 +127,8 @@ class PlainLoops:
         self.decode_s = self.model_s = 0.0
 
     def _decode(self, paths: list[str]) -> dict[str, np.ndarray]:
-        return self.preprocess([DecodedFiles(paths)[i] for i in range(len(paths))])
+        files = DecodedFiles(paths)
+        return self.preprocess([files[i] for i in range(len(files))])
 
     def _loader_batches(self, paths: list[str]) -> Iterator[int]:
         loader = torch.utils.data.DataLoader(DecodedFiles(paths), batch_size=self.batch_size,
