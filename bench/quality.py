@@ -12,8 +12,12 @@ top-100, filter pairs removed, pyxclib metrics). ``prototypes_raa`` is the ``pro
 the config's seed + 0, 1, ...; every run prints its own JSON line.
 ``classifiers`` adds per-label classifier vectors to the plain model (``model.classifiers``: Siamese epochs, then the
 frozen-encoder classifier stage within the same budget), ``classifiers_raa`` evaluates it with retrieval
-augmentation, and ``classifiers_pretrained`` (+ ``classifiers_pretrained_raa``) runs the classifier stage alone on
-the pretrained encoder (``train.epochs=0``): the time-to-quality variant. ``--variants`` trains only some.
+augmentation, ``prototypes_classifiers`` (+ ``_raa``) trains the encoder with prototypes before the
+classifier stage (the vectors then fuse with the prototypes, ``model.classifiers.fusion``), ``classifiers_joint``
+(+ ``_raa``) runs the stage on the pretrained encoder first and then trains the encoder and the vectors together
+(``train.classifier_loss.joint``), and ``classifiers_pretrained`` (+ ``classifiers_pretrained_raa``) runs the
+classifier stage alone on the pretrained encoder (``train.epochs=0``): the time-to-quality variant. ``--variants``
+trains only some.
 
     python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--seeds N] [--variants V ...] [--out DIR]
                             [key=value ...]
@@ -92,7 +96,8 @@ def aggregate(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-VARIANTS = ("plain", "prototypes", "classifiers", "classifiers_pretrained")
+VARIANTS = ("plain", "prototypes", "classifiers", "prototypes_classifiers", "classifiers_joint",
+            "classifiers_pretrained")
 
 
 def main() -> dict:
@@ -119,6 +124,8 @@ def main() -> dict:
     variants = {"plain": ({"model.prototypes.enabled": False}, False),
                 "prototypes": ({"model.prototypes.enabled": True}, True),
                 "classifiers": (classifiers, True),
+                "prototypes_classifiers": ({**classifiers, "model.prototypes.enabled": True}, True),
+                "classifiers_joint": ({**classifiers, "train.classifier_loss.joint": True}, True),
                 "classifiers_pretrained": ({**classifiers, "train.epochs": 0}, True)}
     variants = {name: variants[name] for name in args.variants}
     runs: dict[str, list[dict[str, float]]] = {}

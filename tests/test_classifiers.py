@@ -1,13 +1,14 @@
 """Per-label classifier vectors: they start at the exact centroids, the frozen-encoder stage lowers its loss, two gloo
 ranks take the same steps as one process, and a trained model's label index serves them (evaluation equals a
 brute-force numpy scoring; a label without training queries keeps its text embedding; another label catalogue is
-refused)."""
+refused); joint training of the encoder and the vectors lowers its loss, resumes exactly and exports them."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -244,3 +245,47 @@ def test_the_stage_alone_on_the_untrained_encoder(trained: tuple[Path, str, dict
     summary = train(_config(root, out, **{"train.epochs": 0}), run_dir=str(tmp_path / "run"), resume=False)
     assert summary["steps"] == 0 and summary["classifier_epochs"] == 3 and "test_P@1" in summary
     assert load_export(summary["checkpoint"]).classifiers.trained.any()
+
+
+# ------------------------------------------------------------------------------------------------ joint training
+JOINT = {"train.classifier_loss.joint": True, "train.epochs": 3, "train.num_to_keep": 3}
+
+
+def _epoch_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_joint_training_lowers_its_loss_resumes_exactly_and_exports_its_vectors(
+        trained: tuple[Path, str, dict], tmp_path: Path) -> None:
+    """``train.classifier_loss.joint``: the stage on the initial encoder, then epochs that train the encoder and the
+    vectors together (labels never encoded); a run resumed from its first epoch's checkpoint repeats the losses and
+    ends with the same vectors; the export serves them."""
+    root, out, _ = trained
+    cfg = _config(root, out, **JOINT)
+    summary = train(cfg, run_dir=str(tmp_path / "run"), resume=False)
+    losses = _epoch_losses(tmp_path / "run")
+    assert summary["classifier_joint"] and summary["classifier_epochs"] == 3 and summary["steps"] > 0
+    assert len(losses) == 3 and losses == sorted(losses, reverse=True) and losses[-1] < 0.6 * losses[0]
+    export = load_export(summary["checkpoint"])
+    assert int(export.classifiers.trained.sum()) == summary["classifier_labels"]
+
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(checkpoints) == 3
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoints[0], resumed / "checkpoints" / checkpoints[0].name)
+    again = train(cfg, run_dir=str(resumed), resume=True)
+    assert _epoch_losses(resumed) == pytest.approx(losses[1:], rel=1e-5, abs=1e-7)  # epochs 1 and 2 again
+    assert again["classifier_first_loss"] == summary["classifier_first_loss"] and again["classifier_joint"]
+    torch.testing.assert_close(load_export(again["checkpoint"]).classifiers.weight, export.classifiers.weight,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.classifiers.enabled": False}, "'model.classifiers.enabled' is false"),
+    ({"model.prototypes.enabled": True}, "excludes 'model.prototypes.enabled'"),
+    ({"model.dtype": "float16"}, "fp16 loss scaling"),
+])
+def test_joint_needs_classifiers_no_prototypes_and_no_fp16(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, **JOINT, **overrides)

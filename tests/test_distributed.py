@@ -3,10 +3,11 @@ DDP, DeepSpeed ZeRO-2 and ZeRO-3 finish and learn; 1 and 2 workers compute the s
 batches, and those are the golden losses pinned here; a run whose worker is SIGKILLed recovers from its last
 checkpoint (FailureConfig) and a failed run re-run under the same name resumes, both repeating the uninterrupted run's
 losses; under ZeRO-3 + LoRA the checkpoint and the inference export hold the trained adapter (equal to the live
-gathered weights), not the frozen base.
+gathered weights), not the frozen base; joint classifier training takes the 1-process steps on 2 workers.
 
-A TorchTrainer costs ~35 s of start-up here, so the module runs five (DDP, ZeRO-2 killed once, ZeRO-3, and a DDP
-run killed without retries then re-run) and every test reads them.
+A TorchTrainer costs ~35 s of start-up here, so the module runs seven (DDP, ZeRO-2 killed once, ZeRO-3, ZeRO-3 with
+prototypes and classifiers, DDP with joint classifiers, and a DDP run killed without retries then re-run) and every
+test reads them.
 """
 
 from __future__ import annotations
@@ -195,6 +196,15 @@ def zero3_prototypes(base: Config) -> Run:
                 "zero3-prototypes")
 
 
+JOINT = {"model.classifiers.enabled": True, "train.classifier_loss.joint": True, "train.classifier_loss.epochs": 2,
+         "train.classifier_loss.batch_size": 64, "train.classifier_loss.cluster_size": 8}
+
+
+@pytest.fixture(scope="module")
+def ddp_joint(base: Config) -> Run:
+    return _fit(replace(base, **JOINT), "ddp-joint")
+
+
 @pytest.fixture(scope="module")
 def rerun(base: Config) -> tuple[Run, Run]:
     """A DDP run killed without retries (it fails), then the same config and run name again."""
@@ -273,6 +283,27 @@ def test_prototypes_under_zero3_match_one_process(base: Config, zero3_prototypes
     assert zero3_prototypes.summary["classifier_epochs"] == 2 and export.classifiers.trained.any()
     assert torch.equal(export.classifiers.trained, alone.classifiers.trained)
     torch.testing.assert_close(export.classifiers.weight, alone.classifiers.weight, atol=1e-4, rtol=1e-4)
+
+
+def test_joint_classifiers_on_two_workers_match_one_process(base: Config, ddp_joint: Run, tmp_path: Path) -> None:
+    """Joint training of the encoder and the classifier vectors (queries only encoded, the classifier loss of the
+    whole global batch on every rank, the vectors replicated) takes on 2 DDP workers the 1-process steps: the same
+    per-epoch losses and the same vectors in the export."""
+    from vixml_ray.model import load_export
+    from vixml_ray.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(replace(base, **JOINT), run_dir=str(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    one = [json.loads(line) for line in (tmp_path / "one" / METRICS_FILE).read_text().splitlines()]
+    assert summary["classifier_joint"] and one[-1]["loss"] < one[0]["loss"]
+    _assert_same_losses(ddp_joint.history, one)
+    both, alone = load_export(ddp_joint.summary["checkpoint"]), load_export(summary["checkpoint"])
+    assert both.classifiers.trained.any() and torch.equal(both.classifiers.trained, alone.classifiers.trained)
+    torch.testing.assert_close(both.classifiers.weight, alone.classifiers.weight, atol=1e-4, rtol=1e-4)
 
 
 def test_rerun_after_a_failure_resumes_from_its_checkpoint(ddp: Run, rerun: tuple[Run, Run]) -> None:

@@ -128,8 +128,9 @@ class PrototypeConfig:
 
 @dataclass
 class ClassifierConfig:
-    """Per-label classifier vectors (NGAME/DEXA-style): one free vector per label, learnt after the Siamese training on
-    the final encoder's cached training-query embeddings (``train.classifier_loss``). A label is served by
+    """Per-label classifier vectors (NGAME/DEXA-style): one free vector per label, learnt on the final encoder's cached
+    training-query embeddings after the Siamese training, or with the encoder (``train.classifier_loss``, its
+    ``joint``). A label is served by
     ``normalize(fusion * normalize(w_l) + (1 - fusion) * e_l)`` (``e_l``: its Siamese label vector, the prototype
     when ``model.prototypes.enabled``); a label without training queries keeps ``e_l``."""
 
@@ -197,18 +198,22 @@ class PrototypeLossConfig:
 
 @dataclass
 class ClassifierLossConfig:
-    """The frozen-encoder stage of ``model.classifiers`` (:mod:`vixml_ray.train.classifiers`): every training query
-    is embedded once; each label's vector starts at its queries' centroid and learns, by row-wise Adagrad, a softmax
-    of each positive against the candidate labels of its batch (the batch's positives and the ``shortlist`` top
-    labels of each of its queries under the current vectors, refreshed every epoch)."""
+    """The classifier loss of ``model.classifiers`` (:mod:`vixml_ray.train.classifiers`): each label's vector starts at
+    its training queries' centroid and learns, by row-wise Adagrad, a softmax of each positive against the candidate
+    labels of its batch (the batch's positives and the ``shortlist`` top labels of each of its queries under the
+    current vectors, refreshed every epoch). Frozen (default): a stage of ``epochs`` epochs on the final encoder's
+    training-query embeddings, after the Siamese epochs. ``joint``: the stage runs first, on the initial encoder,
+    then the ``train.epochs`` train the encoder and the vectors together on this loss instead of the Siamese one
+    (queries only are encoded: for catalogues whose label texts carry no meaning)."""
 
+    joint: bool = False
     epochs: int = bounded(10, 0)
     batch_size: int = bounded(512, 2)  # queries per global batch
     cluster_size: Optional[int] = bounded(32, 1)  # batches of whole clusters of similar queries (None: random)
     shortlist: int = bounded(32, 0)  # top labels per query as negatives (0: the batch's positives only)
     lr: float = bounded(0.01, 0.0)
     temperature: float = bounded(0.05, 1e-6)
-    reserve_minutes: float = bounded(1.0, 0.0)  # the part of 'train.max_minutes' kept for this stage
+    reserve_minutes: float = bounded(1.0, 0.0)  # the part of 'train.max_minutes' kept for the final frozen stage
 
 
 @dataclass
@@ -510,6 +515,14 @@ def validate(cfg: Config) -> None:
     if cfg.model.classifiers.enabled and cfg.model.classifiers.fusion == 0:
         raise ConfigError("'model.classifiers.enabled' is true but 'model.classifiers.fusion' is 0: the served "
                           "vectors would ignore the classifiers")
+    if cfg.train.classifier_loss.joint and not cfg.model.classifiers.enabled:
+        raise ConfigError("'train.classifier_loss.joint' is true but 'model.classifiers.enabled' is false")
+    if cfg.train.classifier_loss.joint and cfg.model.prototypes.enabled:
+        raise ConfigError("'train.classifier_loss.joint' trains the encoder on the classifier vectors, without the "
+                          "label side; it excludes 'model.prototypes.enabled'")
+    if cfg.train.classifier_loss.joint and cfg.model.dtype == "float16":
+        raise ConfigError("'train.classifier_loss.joint' steps the vectors outside the engine, which fp16 loss "
+                          "scaling would not unscale: use 'model.dtype' bfloat16 or float32")
     if cfg.train.margin_min > cfg.train.margin_max:
         raise ConfigError("invalid values: 'train.margin_min' must not exceed 'train.margin_max'")
     if cfg.train.engine == "deepspeed" and cfg.train.num_workers == 0:

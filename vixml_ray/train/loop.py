@@ -6,18 +6,25 @@ is the same whatever runs it. Per epoch: update the clusters by the schedule (an
 label's centroid of its training queries' embeddings), run the global batches, validate (P@k on a split carved from
 TRAIN), report, checkpoint. At the end: with ``model.classifiers`` the classifier stage on the final encoder's
 training-query embeddings (:mod:`vixml_ray.train.classifiers`), the test split once, and the inference export.
+With ``train.classifier_loss.joint`` that stage runs first instead, on the initial encoder, and every epoch embeds
+the training queries (their shortlists under the current vectors, and the clusters) before steps that train the
+encoder and the vectors together on the classifier loss (:func:`~vixml_ray.train.step.classifier_step`); the
+vectors and their Adagrad state are checkpointed with the rest.
 
 ``train.max_minutes`` bounds the whole training side, everything before the test: the prototypes' label clustering,
 every clustering and centroid pass, the steps, validations and checkpoints, the final pass over the training
 queries and the classifier stage. The loop stops before a step (or an epoch's start passes) when the time spent plus
 what must still follow (the last validation and final pass, predicted from the measured embedding rate, and
-``train.classifier_loss.reserve_minutes`` for the classifier stage, which stops itself at the budget) reaches it; a budget smaller than
-the prototypes' set-up and final centroid pass themselves gets those two and no step. The time spent is
-carried across resumes and the decision is rank 0's; the run summary reports it as ``train_side_s``.
+``train.classifier_loss.reserve_minutes`` for the final classifier stage, which stops itself at the budget) reaches
+it; a budget smaller than the prototypes' set-up and final centroid pass themselves gets those two and no step.
+The time spent is carried across resumes and the decision is rank 0's; the run summary reports it as
+``train_side_s``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,9 +34,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from vixml_ray.config import Config
@@ -39,7 +47,7 @@ from vixml_ray.eval.metrics import inverse_propensity
 from vixml_ray.model import build_embedder, load_tokenizer
 from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
-from vixml_ray.train.classifiers import train_classifiers
+from vixml_ray.train.classifiers import ClassifierResult, ClassifierTable, train_classifiers
 from vixml_ray.train.clustering import balanced_clusters
 from vixml_ray.train.engine import Engine, TorchEngine, learning_rates
 from vixml_ray.train.inputs import TrainInputs, load_inputs
@@ -48,13 +56,13 @@ from vixml_ray.train.positives import PositiveSampler
 from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
-from vixml_ray.train.step import make_step_batch, train_step
+from vixml_ray.train.step import classifier_step, make_step_batch, train_step
 from vixml_ray.train.validation import embed_rows, validation_metrics
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Config, Embedder, int, torch.device], Engine]
-STATE_FILE, SAMPLER_FILE = "trainer_state.json", "sampler.npz"
+STATE_FILE, SAMPLER_FILE, CLASSIFIERS_FILE = "trainer_state.json", "sampler.npz", "classifiers.pt"
 
 
 def torch_engine(cfg: Config, embedder: Embedder, total_steps: int, device: torch.device) -> Engine:
@@ -115,6 +123,11 @@ class Trainer:
     prime: PrimeLossConfig | None = None  # the PRIME objective when the model has label prototypes
     state: LoopState = field(default_factory=LoopState)
     classifier_summary: dict[str, Any] = field(default_factory=dict)  # what the classifier stage did
+    # joint classifier training: the vectors, the current shortlists (rows of sampler.rows) and the fresh embeddings
+    # of the training queries the next epoch start may reuse
+    classifier_table: ClassifierTable | None = None
+    shortlist: np.ndarray | None = None
+    _fresh_emb: np.ndarray | None = field(default=None, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)  # perf_counter() at run() minus earlier runs' time
     # seconds per row of the latest no-grad embedding pass (None before one; the prototypes' set-up gives the first),
     # per item of the steps so far, and of the latest query clustering: what predicts the passes still to come
@@ -126,6 +139,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         train = self.cfg.train
         self._started = time.perf_counter() - self.state.train_s
+        if self.joint and self.classifier_table is None:
+            self.start_joint()
         stop = self._reached_limit(upcoming=self._start_epoch_s(self.state.epoch) if self.state.batch == 0 else 0.0)
         while self.state.epoch < train.epochs and not stop:
             epoch = self.state.epoch
@@ -136,10 +151,16 @@ class Trainer:
             losses, queries, items, grad_norm, start = [], 0, 0, 0.0, time.perf_counter()
             progress = EpochProgress(epoch, len(batches), self.state.batch, train.progress_every_s)
             for index in range(self.state.batch, len(batches)):
+                label_tokens = None if self.joint else self.inputs.tokens["label"]  # joint: queries only
                 batch = make_step_batch(batches[index], sampled, self.inputs.train_labels,
-                                        self.inputs.tokens["train"], self.inputs.tokens["label"],
+                                        self.inputs.tokens["train"], label_tokens,
                                         self.inputs.images, train.embed_chunk_rows, self.runtime.device)
-                loss, grad_norm = train_step(self.engine, batch, self.loss_cfg, self.prime)
+                if self.joint:
+                    loss, grad_norm = classifier_step(self.engine, batch, self.classifier_table,
+                                                      np.searchsorted(self.sampler.rows, batches[index]),
+                                                      self.joint_labels, self.shortlist)
+                else:
+                    loss, grad_norm = train_step(self.engine, batch, self.loss_cfg, self.prime)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch}, batch {index} (step {self.state.step})")
                 losses.append(loss)
@@ -185,8 +206,18 @@ class Trainer:
         train = self.cfg.train
         if train.max_steps is not None and self.state.step >= train.max_steps:
             return True
-        reserve = 60.0 * train.classifier_loss.reserve_minutes if self.cfg.model.classifiers.enabled else 0.0
+        reserve = 60.0 * train.classifier_loss.reserve_minutes if self.final_stage else 0.0
         return self._spent(upcoming + self._end_passes_s() + reserve)
+
+    @property
+    def joint(self) -> bool:
+        """Whether the encoder and the classifier vectors train together (``train.classifier_loss.joint``)."""
+        return self.cfg.model.classifiers.enabled and self.cfg.train.classifier_loss.joint
+
+    @property
+    def final_stage(self) -> bool:
+        """Whether the frozen classifier stage follows the last epoch."""
+        return self.cfg.model.classifiers.enabled and not self.joint
 
     def _spent(self, ahead_s: float = 0.0) -> bool:
         """Whether the training-side time spent plus ``ahead_s`` seconds reaches ``train.max_minutes`` (rank 0
@@ -213,7 +244,7 @@ class Trainer:
     def _end_passes_s(self) -> float:
         """Predicted seconds of what follows the last step before the test: the last validation and, with
         prototypes or classifier vectors, the final pass over the training queries."""
-        final_pass = self.engine.embedder.prototypes is not None or self.cfg.model.classifiers.enabled
+        final_pass = self.engine.embedder.prototypes is not None or self.final_stage
         return self._validation_s() + (self._pass_s(len(self.sampler.rows)) if final_pass else 0.0)
 
     def _start_epoch_s(self, epoch: int) -> float:
@@ -221,7 +252,7 @@ class Trainer:
         and a clustering as long as the latest one when the epoch clusters anew."""
         size = self.schedule.cluster_size(epoch)
         new_clusters = size is not None and (self.schedule.refresh(epoch) or self.sampler.cluster_size is None)
-        if not new_clusters and self.engine.embedder.prototypes is None:
+        if not new_clusters and self.engine.embedder.prototypes is None and not self.joint:
             return 0.0
         return self._pass_s(len(self.sampler.rows)) + (self._cluster_s if new_clusters else 0.0)
 
@@ -235,15 +266,46 @@ class Trainer:
         return emb
 
     def start_epoch(self, epoch: int) -> None:
-        """Embeds the training queries once when this epoch needs them (new clusters, prototype centroids), then
-        updates the clusters and the centroids."""
+        """Embeds the training queries once when this epoch needs them (new clusters, prototype centroids, joint
+        classifier shortlists), then updates the clusters, the centroids and the shortlists."""
         size = self.schedule.cluster_size(epoch)
         new_clusters = size is not None and (self.schedule.refresh(epoch) or self.sampler.cluster_size is None)
-        emb = None
-        if new_clusters or self.engine.embedder.prototypes is not None:
+        emb, self._fresh_emb = self._fresh_emb, None
+        if emb is None and (new_clusters or self.engine.embedder.prototypes is not None or self.joint):
             emb = self.embed_training_queries()
+        if emb is not None:
             self.update_centroids(emb)
+        if self.joint:
+            self.shortlist = self.classifier_table.shortlist(torch.as_tensor(emb, device=self.runtime.device))
         self.update_clusters(epoch, emb)
+
+    def start_joint(self) -> None:
+        """The classifier stage on the initial encoder, whose vectors (and Adagrad state) the joint epochs go on
+        training."""
+        emb = self.embed_training_queries()
+        result = self.train_classifiers(emb)
+        self.classifier_table = result.table or ClassifierTable(result.weight, result.trained,
+                                                                self.cfg.train.classifier_loss, self.runtime.device)
+        self._fresh_emb = emb
+
+    @functools.cached_property
+    def joint_labels(self) -> sp.csr_matrix:
+        """The positives of the training queries (rows of ``sampler.rows``), as the classifier loss reads them."""
+        return sp.csr_matrix(self.inputs.train_labels[self.sampler.rows]).astype(bool).astype(np.float32)
+
+    @contextlib.contextmanager
+    def serving_joint_vectors(self) -> Iterator[None]:
+        """The model scores labels with the joint vectors inside the block (no-op without them)."""
+        if self.classifier_table is None:
+            yield
+            return
+        embedder = self.engine.embedder
+        embedder.set_classifiers(torch.as_tensor(self.classifier_table.weight()),
+                                 torch.as_tensor(self.classifier_table.trained))
+        try:
+            yield
+        finally:
+            embedder.classifiers = None
 
     def embed_training_queries(self) -> np.ndarray:
         """The current embeddings of the training queries (rows of ``sampler.rows``), the same on every rank."""
@@ -290,7 +352,9 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         rows = self.inputs.val_rows
         queries = self._embed("train", rows)
-        return validation_metrics(queries, self.label_embeddings(), self.inputs.train_labels[rows], k=5, topk=5,
+        with self.serving_joint_vectors():
+            labels = self.label_embeddings()
+        return validation_metrics(queries, labels, self.inputs.train_labels[rows], k=5, topk=5,
                                   device=self.runtime.device, prefix="val_")
 
     def test(self) -> dict[str, float]:
@@ -322,6 +386,10 @@ class Trainer:
                          else sampler_state["cluster_ids"],
                          has_clusters=sampler_state["cluster_ids"] is not None,
                          cluster_size=sampler_state["cluster_size"] or 0)
+                if self.classifier_table is not None:  # replicated: rank 0's copy is every rank's
+                    torch.save({"table": self.classifier_table.state_dict(), "summary": self.classifier_summary,
+                                "shortlist": None if self.shortlist is None else torch.as_tensor(self.shortlist)},
+                               os.path.join(directory, CLASSIFIERS_FILE))
             self.runtime.report(metrics, checkpoint_dir=directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -335,19 +403,24 @@ class Trainer:
             has = bool(saved["has_clusters"])
             self.sampler.load_state_dict({"cluster_ids": saved["cluster_ids"] if has else None,
                                           "cluster_size": int(saved["cluster_size"]) or None})
+        if self.joint:
+            saved = torch.load(os.path.join(directory, CLASSIFIERS_FILE), weights_only=True)
+            self.classifier_table = ClassifierTable.from_state_dict(saved["table"], self.cfg.train.classifier_loss,
+                                                                    self.runtime.device)
+            self.classifier_summary = saved["summary"]
+            self.shortlist = None if saved["shortlist"] is None else saved["shortlist"].numpy()
         rng_file = os.path.join(directory, f"rng_rank{dist.rank()}.pt")
         if os.path.exists(rng_file):
             _set_rng_state(torch.load(rng_file, weights_only=True))
         log.info("resumed from %s at epoch %d, batch %d, step %d", directory, self.state.epoch, self.state.batch,
                  self.state.step)
 
-    def train_classifiers(self, emb: np.ndarray) -> None:
+    def train_classifiers(self, emb: np.ndarray) -> ClassifierResult:
         """The classifier stage on the training queries' embeddings ``emb`` (rows of ``sampler.rows``) of the final
-        encoder, within what is left of ``train.max_minutes``; attaches the vectors to the model."""
+        encoder (of the initial one when ``joint``), within what is left of ``train.max_minutes``."""
         start = time.perf_counter()
         result = train_classifiers(emb, self.inputs.train_labels[self.sampler.rows], self.cfg.train.classifier_loss,
                                    self.cfg.train.seed, self.runtime.device, stop=self._spent)
-        self.engine.embedder.set_classifiers(torch.as_tensor(result.weight), torch.as_tensor(result.trained))
         history = result.history
         self.classifier_summary = {
             "classifier_epochs": result.epochs, "classifier_labels": int(result.trained.sum()),
@@ -356,15 +429,20 @@ class Trainer:
             "classifier_s": round(time.perf_counter() - start, 3),
         }
         log.info("classifier stage: %s", self.classifier_summary)
+        return result
 
     # ------------------------------------------------------------------------------------------------- end
     def finish(self) -> dict[str, Any]:
-        prototypes, classifiers = self.engine.embedder.prototypes is not None, self.cfg.model.classifiers.enabled
-        emb = self.embed_training_queries() if prototypes or classifiers else None  # by the final model
+        prototypes = self.engine.embedder.prototypes is not None
+        emb = self.embed_training_queries() if prototypes or self.final_stage else None  # by the final model
         if prototypes:
             self.update_centroids(emb)
-        if classifiers:
-            self.train_classifiers(emb)
+        if self.final_stage:
+            result = self.train_classifiers(emb)
+            self.engine.embedder.set_classifiers(torch.as_tensor(result.weight), torch.as_tensor(result.trained))
+        if self.classifier_table is not None:
+            self.engine.embedder.set_classifiers(torch.as_tensor(self.classifier_table.weight()),
+                                                 torch.as_tensor(self.classifier_table.trained))
         self.state.train_s = self._elapsed()  # everything before the test
         test = self.test()
         export = self.runtime.output_dir
@@ -380,6 +458,7 @@ class Trainer:
             "train_side_s": round(self.state.train_s, 3),
             **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             **self.classifier_summary,
+            **({"classifier_joint": True} if self.joint else {}),
             **test,
         }
         return summary

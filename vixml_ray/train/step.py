@@ -5,6 +5,8 @@ each rank embeds a contiguous near-equal share of these B + M items (every query
 ranks), the embeddings are all-gathered with gradients flowing back to the local share, and every rank computes the
 triplet loss of the whole global batch. With PRIME prototypes, each rank also turns its share of the labels into
 prototypes inside the same forward, and those are all-gathered the same way (:func:`~vixml_ray.train.loss.prime_loss`).
+With classifier vectors trained jointly (``train.classifier_loss.joint``) a global batch is its queries only, and the
+loss is the classifier loss of :mod:`vixml_ray.train.classifiers` (:func:`classifier_step`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from vixml_ray.model.tokens import TokenArrays
 from vixml_ray.train import dist
+from vixml_ray.train.classifiers import ClassifierTable, joint_loss
 from vixml_ray.train.engine import Engine
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig, prime_loss, triplet_loss
 from vixml_ray.train.positives import BatchTargets, batch_targets
@@ -45,15 +48,17 @@ class StepBatch:
 
 
 def make_step_batch(rows: np.ndarray, sampled: np.ndarray, labels: sp.csr_matrix, query_tokens: TokenArrays,
-                    label_tokens: TokenArrays, images: FeatureBank | None, chunk_rows: int,
+                    label_tokens: TokenArrays | None, images: FeatureBank | None, chunk_rows: int,
                     device: torch.device) -> StepBatch:
-    """This rank's share of the global batch ``rows`` (training query rows) with positives ``sampled[rows]``."""
+    """This rank's share of the global batch ``rows`` (training query rows) with positives ``sampled[rows]``; its
+    queries only when ``label_tokens`` is None."""
     targets = batch_targets(labels, rows, sampled)
+    label_ids = targets.label_ids if label_tokens is not None else targets.label_ids[:0]
     num_q, world = len(rows), dist.world_size()
-    bounds = slice_bounds(num_q + len(targets.label_ids), world)
+    bounds = slice_bounds(num_q + len(label_ids), world)
     lo, hi = int(bounds[dist.rank()]), int(bounds[dist.rank() + 1])
     q_rows = rows[lo:min(hi, num_q)]
-    l_rows = targets.label_ids[max(lo, num_q) - num_q : max(hi, num_q) - num_q]
+    l_rows = label_ids[max(lo, num_q) - num_q : max(hi, num_q) - num_q]
     parts = [(query_tokens, "train", q_rows), (label_tokens, "label", l_rows)]
     parts = [(tokens, split, r) for tokens, split, r in parts if len(r)]
     taken = [tokens.take(r) for tokens, _, r in parts]
@@ -98,6 +103,21 @@ def forward_loss(engine: Engine, batch: StepBatch, loss_cfg: TripletLossConfig,
         return triplet_loss(items[:num_q], items[num_q:], pos_index, positive_mask, loss_cfg)
     protos = dist.all_gather(local_protos, batch.label_sizes)
     return prime_loss(items[:num_q], items[num_q:], protos, pos_index, positive_mask, loss_cfg, prime)
+
+
+def classifier_step(engine: Engine, batch: StepBatch, table: ClassifierTable, positions: np.ndarray,
+                    labels: sp.csr_matrix, short: np.ndarray | None) -> tuple[float, float]:
+    """A joint step on a queries-only ``batch``: the classifier loss of the whole global batch (``positions``: its
+    rows in ``labels`` and ``short``) trains the encoder through the engine and the candidates' vectors by row-wise
+    Adagrad; returns (loss, gradient norm of the encoder before clipping)."""
+    local = engine.module(batch.ids, batch.lengths, batch.feats, batch.mask, batch.chunks)
+    queries = dist.all_gather(local, batch.sizes)
+    loss = joint_loss(table, queries, positions, labels, short)
+    world = dist.world_size()
+    engine.backward(loss * world)  # as in train_step; each rank's vector gradient is then world x the full one
+    grad_norm = engine.step()
+    table.step(scale=1.0 / world)
+    return float(loss.detach()), grad_norm
 
 
 def train_step(engine: Engine, batch: StepBatch, loss_cfg: TripletLossConfig,
