@@ -70,10 +70,12 @@ class ClassifierTable:
             if self.cfg.shortlist else None
 
     def step(self, scale: float = 1.0) -> None:
-        """An Adagrad step on the rows of the current sparse gradient, multiplied by ``scale`` first."""
-        grad = self.embedding.weight.grad.coalesce()
-        self.embedding.weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() * scale, grad.shape,
-                                                             is_coalesced=True, check_invariants=False)
+        """An Adagrad step on the rows of the current sparse gradient, multiplied by ``scale`` first (Adagrad
+        coalesces the gradient itself)."""
+        if scale != 1.0:
+            grad = self.embedding.weight.grad.coalesce()
+            self.embedding.weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() * scale, grad.shape,
+                                                                 is_coalesced=True, check_invariants=False)
         with torch.sparse.check_sparse_tensor_invariants(enable=False):  # Adagrad builds valid sparse updates
             self.optimizer.step()
         self.embedding.zero_grad(set_to_none=True)
