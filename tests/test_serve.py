@@ -1,7 +1,8 @@
 """The Ray Serve application over real HTTP (httpx on 127.0.0.1): every endpoint; served top-k equal evaluate's with
 and without RAA; bad input gets its status and message; unsafe images and missing keys are refused; a refresh
-during a stream of requests fails none; a refused version keeps the old one serving; a killed shard replica (2 per
-shard) fails no request."""
+during a stream of requests fails none; a refused version keeps the old one serving; a pinned version holds until
+the user_config releases it; a killed shard replica fails no request with 2 per shard, and with 1 per shard gets
+503 at once until Serve has replaced it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
+from ray import serve
 
 from inference_helpers import evaluated_setup, inference_config, make_export
 from vixml_ray.data.dataset import open_dataset
@@ -222,17 +224,21 @@ def test_overload_beyond_the_queue_gets_503_at_once(served):
 
 
 class Stream:
-    """Requests in a loop from a thread until stopped; records every status and answering version."""
+    """Requests in a loop from a thread until stopped; records every status and answering version (or error text),
+    and how long each took."""
 
     def __init__(self, url: str, path: str, body: dict, headers: dict | None = None):
         self.answers: list[tuple[int, str | None]] = []
+        self.seconds: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url, path, body, headers or {}), daemon=True)
 
     def _run(self, url: str, path: str, body: dict, headers: dict) -> None:
         with httpx.Client(base_url=url, timeout=60) as client:
             while not self._stop.is_set():
+                start = time.monotonic()
                 response = client.post(path, json=body, headers=headers)
+                self.seconds.append(time.monotonic() - start)
                 self.answers.append((response.status_code, response.json().get("version")
                                      if response.status_code == 200 else response.text))
 
@@ -245,11 +251,17 @@ class Stream:
         self._thread.join()
 
 
-def wait_for(predicate, timeout_s: float = 60.0) -> None:
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
         time.sleep(0.2)
+
+
+def replica_actors(app: str, deployment: str) -> list[ray.actor.ActorHandle]:
+    """The live replica actors of ``deployment`` of ``app``."""
+    return [ray.get_actor(actor["name"], namespace=actor["namespace"])
+            for actor in ray.util.list_named_actors(all_namespaces=True) if f"{app}#{deployment}#" in actor["name"]]
 
 
 def test_refresh_during_requests_fails_none_and_a_foreign_version_is_refused(served):
@@ -278,18 +290,72 @@ def test_refresh_during_requests_fails_none_and_a_foreign_version_is_refused(ser
     set_current(index, new)
 
 
+def test_pinned_version_holds_until_the_user_config_releases_it(served):
+    """An app deployed with ``version=old`` (the ingress's user_config) serves ``old`` over several polls of a newer
+    CURRENT; reconfigured with ``{"version": null}`` (what Serve does on the live replica when a ``serve deploy``
+    changes only the user_config) it follows CURRENT, failing no request."""
+    client, index, cfg = served["client"], served["index"], served["cfg"]
+    if current_version(index) == "v1":
+        refresh_labels(served["export"], served["dataset"], index, incremental=True)
+    old, new = "v1", current_version(index)
+    start(cfg, application(served["export"], index, cfg, version=old), name="pinned", route_prefix="/pinned")
+    try:
+        info = client.get("/pinned/v1/version").json()
+        assert (info["version"], info["pinned"]) == (old, old), info
+        body = {"queries": [{"text": q["text"]} for q in served["queries"][:3]], "k": 5}
+        with Stream(str(client.base_url), "/pinned/v1/predict", body) as stream:
+            since = time.monotonic()
+            wait_for(lambda: len(stream.answers) >= 3 and time.monotonic() - since > 3 * cfg.serve.poll_interval_s,
+                     what="three polls of CURRENT")
+            assert {version for _, version in stream.answers} == {old}, stream.answers
+            for shard in ("shard-0", "shard-1"):  # loaded the pinned version only: never switched to CURRENT
+                assert serve.get_deployment_handle(shard, "pinned").versions.remote().result(timeout_s=60) == [old]
+            serve.get_deployment_handle("ingress", "pinned").reconfigure.remote({"version": None}).result(
+                timeout_s=60)
+            wait_for(lambda: any(version == new for _, version in stream.answers[-3:]), what=f"answers by {new}")
+        assert all(status == 200 for status, _ in stream.answers), stream.answers
+        versions = [version for _, version in stream.answers]
+        assert versions[0] == old and versions[-1] == new
+        assert versions == sorted(versions, key=lambda v: int(v[1:]))  # switched once, never back
+        info = client.get("/pinned/v1/version").json()
+        assert (info["version"], info["pinned"]) == (new, None), info
+    finally:
+        serve.delete("pinned")
+
+
 def test_killed_shard_replica_fails_no_request(served):
     body = {"queries": [{"text": q["text"]} for q in served["queries"][:3]], "k": 5}
-    replicas = [name for name in ray.util.list_named_actors(all_namespaces=True)
-                if "raa#shard-0#" in name["name"]]
+    replicas = replica_actors("raa", "shard-0")
     assert len(replicas) == 2, replicas
-    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    victim = replicas[0]
     with Stream(str(served["client"].base_url), "/raa/v1/predict", body, served["auth"]) as stream:
         wait_for(lambda: len(stream.answers) >= 3)
         ray.kill(victim, no_restart=True)
         seen = len(stream.answers)
         wait_for(lambda: len(stream.answers) >= seen + 10)
     assert all(status == 200 for status, _ in stream.answers), stream.answers
+
+
+def test_killed_only_shard_replica_gets_503_at_once_until_replaced(served):
+    """The image app has 1 replica per shard: while Serve replaces a killed one, requests get 503 within seconds (none
+    waits for the restart, none gets 500), then 200 again."""
+    body = {"queries": [{"text": q["text"]} for q in served["queries"][:3]], "k": 5}
+    replicas = replica_actors("img", "shard-0")
+    assert len(replicas) == 1, replicas
+    with Stream(str(served["client"].base_url), "/v1/predict", body) as stream:
+        wait_for(lambda: len(stream.answers) >= 3, what="the first answers")
+        ray.kill(replicas[0], no_restart=True)
+        killed = len(stream.answers)
+
+        def replaced() -> bool:
+            codes = [status for status, _ in stream.answers[killed:]]
+            return 503 in codes and 200 in codes[codes.index(503):]
+
+        wait_for(replaced, what="a 503 while shard-0 is replaced, then a 200")
+    assert {status for status, _ in stream.answers} == {200, 503}, stream.answers
+    assert all("temporarily unavailable" in text for status, text in stream.answers if status == 503), stream.answers
+    slowest = max(stream.seconds)
+    assert slowest < 5.0, f"a request took {slowest:.1f} s (waited for the restart?): {stream.answers}"
 
 
 def chromium() -> tuple[str, str] | None:

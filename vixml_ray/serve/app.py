@@ -8,10 +8,13 @@ Request path: the ingress validates the request (:mod:`vixml_ray.serve.api`), re
 :class:`~vixml_ray.index.sharded.IndexView` whose shard calls go to the shard deployments), so the per-shard top-k
 are merged exactly by (-score, id) and ``infer.raa.enabled`` applies as there. One request is answered entirely by
 the index version it started on; a shard or encoder call that fails is retried once (Serve routes it to another
-replica), then the request gets 503.
+replica), then the request gets 503, as it does at once while a deployment has no running replica (its only one
+died and Serve is replacing it, see :mod:`vixml_ray.serve.calls`).
 
 Versions: a thread polls the index's ``CURRENT`` every ``serve.poll_interval_s`` (or serves the version pinned by
-the deployment's ``user_config: {version: vN}``, see :meth:`Ingress.reconfigure`). A new version is checked
+the ingress deployment's ``user_config: {version: vN}``, which the builder's ``version=vN`` sets; a ``serve deploy``
+that changes only that user_config switches the live replicas without restarting them, see
+:meth:`Ingress.reconfigure`). A new version is checked
 (:func:`vixml_ray.predict.predictor.check_version`: embedded by this export, holding the parts the config needs),
 its label names and RAA matrix are read, every shard deployment loads it, and only then do new requests use it. A
 refused version is logged and listed by ``/v1/version``; the old version keeps serving.
@@ -46,6 +49,7 @@ from vixml_ray.index.versions import Manifest, current_version, read_manifest
 from vixml_ray.inference.export import Export, absolute_uri, job_config, read_export
 from vixml_ray.predict.predictor import check_version
 from vixml_ray.serve import api
+from vixml_ray.serve.calls import HEALTH_CHECK_PERIOD_S, Caller, Unavailable
 from vixml_ray.serve.encoder import Encoder
 from vixml_ray.serve.images import ImageRefused, read_image
 from vixml_ray.serve.shards import ShardReplica
@@ -59,33 +63,16 @@ app = FastAPI(title="vixml-ray", version="1", summary="Extreme multi-label scori
               docs_url="/docs", redoc_url=None)
 
 
-class Unavailable(RuntimeError):
-    """A deployment did not answer (after the retry): the request gets 503."""
-
-
-def _call(handle: DeploymentHandle, method: str, timeout_s: float, *args: Any) -> Any:
-    """``handle.method(*args)``, retried once on failure (Serve routes the retry to a live replica)."""
-    for attempt in (1, 2):
-        try:
-            return getattr(handle, method).remote(*args).result(timeout_s=timeout_s)
-        except Exception as err:  # noqa: BLE001 - a dead replica, a timeout, back-pressure: retry, then 503
-            if attempt == 2:
-                raise Unavailable(f"{handle.deployment_name}.{method} failed twice: {type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''}") from err
-            log.warning("%s.%s failed (%s), retrying once", handle.deployment_name, method, type(err).__name__)
-    raise AssertionError("unreachable")
-
-
 class ServedView(IndexView):
-    """An :class:`IndexView` of one version whose shard calls go to the shard deployments (retried once)."""
+    """An :class:`IndexView` of one version whose shard calls go to the shard deployments (through ``call``)."""
 
-    def __init__(self, gen: Generation, timeout_s: float, pool: ThreadPoolExecutor):
+    def __init__(self, gen: Generation, timeout_s: float, pool: ThreadPoolExecutor, call: Caller):
         super().__init__(gen)
-        self._timeout_s, self._pool = timeout_s, pool
+        self._timeout_s, self._pool, self._call = timeout_s, pool, call
 
     def _fanout(self, method: str, queries: np.ndarray, calls: dict[int, tuple[Any, ...]]) -> list[Any]:
-        futures = [self._pool.submit(_call, self._gen.actors[s], method, self._timeout_s, self.version, queries,
-                                     *args) for s, args in calls.items()]
+        futures = [self._pool.submit(self._call, self._gen.actors[s], method, self._timeout_s, self.version,
+                                     queries, *args) for s, args in calls.items()]
         return [f.result() for f in futures]
 
 
@@ -119,16 +106,19 @@ class Ingress:
     """The FastAPI ingress: routes below, schemas and request checks in :mod:`vixml_ray.serve.api`."""
 
     def __init__(self, encoder: DeploymentHandle, shards: list[DeploymentHandle], export_uri: str,
-                 index_dir: str, cfg: Config, version: str):
+                 index_dir: str, cfg: Config, version: str, pinned: bool):
+        """Serves ``version`` first; ``pinned``: it is also the deployment's ``user_config`` pin, held from the
+        start so that the poller never moves off it before Serve calls :meth:`reconfigure`."""
         self.encoder, self.shards, self.cfg, self.index_dir = encoder, shards, cfg, index_dir
         self.export: Export = read_export(export_uri)
         self.api_key = api.api_key(cfg.serve)
         self.pool = ThreadPoolExecutor(max_workers=max(8, 2 * len(shards)), thread_name_prefix="fanout")
         self.refusals: list[dict[str, Any]] = []
-        self.pinned: str | None = None
+        self.pinned: str | None = version if pinned else None
         self._switch_lock = threading.Lock()
         self.served: Served = self._load(read_manifest(index_dir, version))
         self._stop = threading.Event()
+        self.call = Caller(serve.get_replica_context().app_name, self._stop)
         self._poller = threading.Thread(target=self._poll, name="version-poller", daemon=True)
         self._poller.start()
 
@@ -152,7 +142,7 @@ class Ingress:
                 manifest = read_manifest(self.index_dir, version)
                 check_version(manifest, self.export, self.cfg, self.index_dir)
                 served = self._load(manifest)
-                calls = [self.pool.submit(_call, shard, "prepare", self.cfg.index.load_timeout_s, version)
+                calls = [self.pool.submit(self.call, shard, "prepare", self.cfg.index.load_timeout_s, version)
                          for shard in self.shards for _ in range(self.cfg.serve.shard_replicas)]
                 for call in calls:
                     call.result()
@@ -186,7 +176,8 @@ class Ingress:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config``: ``{"version": "vN"}`` serves that version (an explicit switch, same checks);
-        ``{"version": null}`` (or no key) follows ``CURRENT`` again."""
+        ``{"version": null}`` (or no key) follows ``CURRENT`` again. Serve calls it after ``__init__`` and on a
+        redeploy that changes the user_config; removing the user_config calls nothing (the pin stays)."""
         unknown = set(user_config) - {"version"}
         if unknown:
             raise ConfigError(f"unknown user_config keys {sorted(unknown)} (known: version)")
@@ -212,13 +203,13 @@ class Ingress:
                 refused[(q, s)] = got.reason  # sent as b"": its slot stays masked
             else:
                 images[q][s] = got
-        embeddings, errors = _call(self.encoder, "embed", self.cfg.serve.request_timeout_s,
-                                   [(query.text, images[i]) for i, query in enumerate(queries)])
+        embeddings, errors = self.call(self.encoder, "embed", self.cfg.serve.request_timeout_s,
+                                       [(query.text, images[i]) for i, query in enumerate(queries)])
         for (q, s), reason in refused.items():
             errors[q][s] = reason
         if not self.export.uses_images:
             errors = [[TEXT_ONLY] * len(query.images) for query in queries]
-        view = ServedView(served.gen, self.cfg.serve.request_timeout_s, self.pool)
+        view = ServedView(served.gen, self.cfg.serve.request_timeout_s, self.pool, self.call)
         result = search_labels(_PinnedIndex(view), embeddings, k, self.cfg.infer.raa,
                                lambda manifest: served.train_labels)
         results = []
@@ -241,10 +232,10 @@ class Ingress:
     def health_info(self) -> dict[str, Any]:
         """Raises :class:`Unavailable` unless the encoder and every shard answer (shards: for the served version)."""
         timeout = self.cfg.serve.request_timeout_s
-        if _call(self.encoder, "fingerprint", timeout) != self.export.fingerprint:
+        if self.call(self.encoder, "fingerprint", timeout) != self.export.fingerprint:
             raise Unavailable("the encoder serves another export")
         version = self.served.manifest.version
-        calls = [self.pool.submit(_call, shard, "prepare", timeout, version) for shard in self.shards]
+        calls = [self.pool.submit(self.call, shard, "prepare", timeout, version) for shard in self.shards]
         return {"status": "ok", "version": version, "shards": [c.result()["ntotal"] for c in calls]}
 
     def version_info(self) -> dict[str, Any]:
@@ -288,16 +279,19 @@ class Ingress:
 
 
 def application(export_uri: str, index_dir: str, cfg: Config, version: str | None = None) -> serve.Application:
-    """The bound Serve application over ``version`` (default: ``CURRENT``) of ``index_dir``, checked first."""
+    """The bound Serve application over ``version`` of ``index_dir``, checked first. A given ``version`` is pinned
+    (the ingress's ``user_config: {version: vN}``, see :meth:`Ingress.reconfigure`); None serves ``CURRENT`` and
+    follows it."""
     export = read_export(export_uri)
     index_dir = absolute_uri(index_dir)
     manifest = read_manifest(index_dir, version)
     check_version(manifest, export, cfg, index_dir)
     parts = served_parts(cfg.infer.raa, manifest, index_dir)
     api.api_key(cfg.serve)  # a configured key must be set here too
-    s = cfg.serve
+    s, pinned = cfg.serve, version is not None
     shards = [serve.deployment(ShardReplica).options(
         name=f"shard-{i}", num_replicas=s.shard_replicas, max_ongoing_requests=s.shard_max_ongoing_requests,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": cfg.index.cpus_per_shard, "num_gpus": 1 if cfg.index.use_gpu else 0},
     ).bind(index_dir, i, cfg.index.num_shards, parts, cfg.index, manifest.version)
         for i in range(cfg.index.num_shards)]
@@ -308,6 +302,7 @@ def application(export_uri: str, index_dir: str, cfg: Config, version: str | Non
                                else {"num_replicas": s.encoder_min_replicas})
     encoder = serve.deployment(Encoder).options(
         name="encoder", max_ongoing_requests=s.encoder_max_ongoing_requests,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": s.encoder_num_cpus, "num_gpus": s.encoder_num_gpus}, **scaling,
     ).bind(export.uri, cfg)
     env = {s.api_key_env: os.environ[s.api_key_env]} if s.api_key_env else {}
@@ -315,8 +310,9 @@ def application(export_uri: str, index_dir: str, cfg: Config, version: str | Non
         name="ingress", num_replicas=s.ingress_replicas, max_ongoing_requests=s.ingress_max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.ingress_num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})},
+        **({"user_config": {"version": manifest.version}} if pinned else {}),
     )
-    return ingress.bind(encoder, shards, export.uri, index_dir, cfg, manifest.version)
+    return ingress.bind(encoder, shards, export.uri, index_dir, cfg, manifest.version, pinned)
 
 
 def build(args: dict[str, str]) -> serve.Application:
