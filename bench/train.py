@@ -6,21 +6,30 @@ on random global batches: the Ray side is the production path (``make_trainer`` 
 loop, DDP engine on one worker), the plain side a ``for`` loop over ``make_step_batch`` + ``train_step`` in this
 process. The first epoch of each is warm-up; a rate is the MEDIAN over the later epochs of queries / seconds of the
 epoch's step loop (the Ray loop times its epochs the same way: validation, reports and checkpoints fall outside).
-The plain loop runs before and after the Ray run, and every epoch's rate is printed: on a shared machine, torch's
-OpenMP threads can lose 10-100x when other processes take the cores (each parallel op waits for a descheduled
-thread), so compare the spreads before trusting a ratio. Ray's start-up (``ray.init``, the Train controller, worker
-group and process group, teardown) is reported apart as ``startup_s`` = ``ray.init`` time + ``fit()`` wall time -
-the worker loop's own time.
 
-    python bench/train.py [--quick] [--threads N]
+The two sides are interleaved in ``--rounds`` rounds, plain, Ray, plain, Ray, ..., plain (Ray is up for all of them,
+so its idle daemons cost both sides alike), and round ``i``'s ratio is its Ray rate over the mean of the plain rates
+just before and after it: a drift of the machine (another process, the CPU's clock) then moves both sides of a
+ratio. Every plain run is a fresh process, as every Ray run's worker is: the same loop runs up to 20% faster or
+slower from one process to the next on this machine (steady within a process; measured 1,925 to 2,399 samples/s
+over six fresh processes), so a plain side kept in one process would be one draw against several. ``ratio`` is the median of the rounds' ratios, ``ratio_std`` their spread; every epoch's rate is printed. On a
+shared machine torch's OpenMP threads can lose 10-100x when other processes take the cores (each parallel op waits
+for a descheduled thread), so compare the spreads before trusting a ratio. Epochs are long enough (72 steps of 64
+queries by default) that one slow step does not decide a rate. Ray's start-up (``ray.init``, the Train controller,
+worker group and process group, teardown) is reported apart as ``startup_s`` = ``ray.init`` time + the median over
+rounds of ``fit()`` wall time - the worker loop's own time.
 
-Last line: JSON with ``ray_samples_per_s``, ``plain_samples_per_s``, ``ratio`` (target >= 0.95) and ``startup_s``.
+    python bench/train.py [--quick] [--threads N] [--rounds R]
+
+Last line: JSON with ``ray_samples_per_s``, ``plain_samples_per_s``, ``ratio`` (target >= 0.95), ``ratio_std``,
+``ratios`` (per round) and ``startup_s``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -96,10 +105,16 @@ def plain_loop(cfg: Config, threads: int) -> list[float]:
     return steady_rates(history)
 
 
-def ray_loop(cfg: Config) -> tuple[list[float], float, int]:
-    """(steady samples/s per epoch, fit() wall seconds minus the worker loop's own, steps per epoch) of the Ray
-    Train run."""
-    trainer, run_dir = make_trainer(cfg, "bench")
+def fresh_plain_loop(cfg: Config, threads: int) -> list[float]:
+    """:func:`plain_loop` in a new (spawned) process."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(plain_loop, (cfg, threads))
+
+
+def ray_loop(cfg: Config, name: str) -> tuple[list[float], float, int]:
+    """(steady samples/s per epoch, fit() wall seconds minus the worker loop's own, steps per epoch) of a fresh Ray
+    Train run called ``name`` (a new name: a run directory that exists would resume)."""
+    trainer, run_dir = make_trainer(cfg, name)
     start = time.perf_counter()
     trainer.fit()
     fit_s = time.perf_counter() - start
@@ -110,18 +125,25 @@ def ray_loop(cfg: Config) -> tuple[list[float], float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1200 training items and 4 epochs (3 measured)")
+    parser.add_argument("--quick", action="store_true", help="3 epochs (2 measured) per run, 4 rounds")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs of the worker = torch threads")
-    parser.add_argument("--epochs", type=int, default=None, help="default 4 with --quick, else 6")
-    parser.add_argument("--num-train", type=int, default=None, help="default 1200 with --quick, else 4800")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 3 with --quick, else 4)")
+    parser.add_argument("--rounds", type=int, default=None, help="Ray runs, each between two plain runs (default 4 "
+                        "with --quick, else 6)")
+    parser.add_argument("--num-train", type=int, default=4800, help="training items (72 steps of 64 per epoch)")
     parser.add_argument("--cache-dir", default=".cache/vixml", help="where the synthetic dataset is kept")
     args = parser.parse_args()
-    epochs = args.epochs or (4 if args.quick else 6)
-    num_train = args.num_train or (1200 if args.quick else 4800)
+    epochs = args.epochs or (3 if args.quick else 4)
+    rounds = args.rounds or (4 if args.quick else 6)
+    if epochs < WARMUP_EPOCHS + 1 or rounds < 1:
+        parser.error(f"--epochs must be >= {WARMUP_EPOCHS + 1} and --rounds >= 1")
 
     out_dir = tempfile.mkdtemp(prefix="vixml-bench-train-")
+    plain: list[list[float]] = []
+    ray_runs: list[list[float]] = []
+    extra_s: list[float] = []
     try:
-        cfg = bench_config(out_dir, os.path.abspath(args.cache_dir), args.threads, epochs, num_train)
+        cfg = bench_config(out_dir, os.path.abspath(args.cache_dir), args.threads, epochs, args.num_train)
         # Ray starts its workers at niceness 15; the plain loop runs at 0. On a shared machine that alone decides who
         # gets the cores, so the Ray worker runs at the plain loop's priority (as Ray runs its own job drivers).
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -129,26 +151,34 @@ def main() -> None:
         init_ray(num_cpus=args.threads, local_only=True)
         init_s = time.perf_counter() - start
         cfg = ensure_dataset(cfg)  # generated and image-embedded on first use, then reused
-        before = plain_loop(cfg, args.threads)
-        print(f"plain loop: {_fmt(before)} samples/s per epoch", flush=True)
-        ray_rates, ray_extra_s, steps = ray_loop(cfg)
-        print(f"Ray Train loop: {_fmt(ray_rates)} samples/s per epoch", flush=True)
-        after = plain_loop(cfg, args.threads)
-        print(f"plain loop again: {_fmt(after)} samples/s per epoch", flush=True)
+        for i in range(rounds):
+            plain.append(fresh_plain_loop(cfg, args.threads))
+            print(f"round {i} plain loop: {_fmt(plain[-1])} samples/s per epoch", flush=True)
+            rates, fit_extra_s, steps = ray_loop(cfg, f"bench-{i}")
+            ray_runs.append(rates)
+            extra_s.append(fit_extra_s)
+            print(f"round {i} Ray Train loop: {_fmt(rates)} samples/s per epoch", flush=True)
+        plain.append(fresh_plain_loop(cfg, args.threads))
+        print(f"last plain loop: {_fmt(plain[-1])} samples/s per epoch", flush=True)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    ray_rate, plain_rate = float(np.median(ray_rates)), float(np.median(before + after))
+    plain_medians = [float(np.median(rates)) for rates in plain]
+    ratios = [float(np.median(rates)) / (0.5 * (plain_medians[i] + plain_medians[i + 1]))
+              for i, rates in enumerate(ray_runs)]
     print(json.dumps({
-        "ray_samples_per_s": round(ray_rate, 1),
-        "plain_samples_per_s": round(plain_rate, 1),
-        "ratio": round(ray_rate / plain_rate, 3),
-        "startup_s": round(init_s + ray_extra_s, 1),
-        "ray_epochs": _rounded(ray_rates),
-        "plain_epochs": _rounded(before + after),
+        "ray_samples_per_s": round(float(np.median(np.concatenate(ray_runs))), 1),
+        "plain_samples_per_s": round(float(np.median(np.concatenate(plain))), 1),
+        "ratio": round(float(np.median(ratios)), 3),
+        "ratio_std": round(float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0, 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "startup_s": round(init_s + float(np.median(extra_s)), 1),
+        "ray_epochs": [_rounded(rates) for rates in ray_runs],
+        "plain_epochs": [_rounded(rates) for rates in plain],
         "threads": args.threads,
+        "rounds": rounds,
         "steps_per_epoch": steps,
         "batch_size": cfg.train.batch_size,
-        "num_train": num_train,
+        "num_train": args.num_train,
     }))
 
 
