@@ -16,8 +16,10 @@ augmentation, ``prototypes_classifiers`` (+ ``_raa``) trains the encoder with pr
 classifier stage (the vectors then fuse with the prototypes, ``model.classifiers.fusion``), ``classifiers_joint``
 (+ ``_raa``) runs the stage on the pretrained encoder first and then trains the encoder and the vectors together
 (``train.classifier_loss.joint``), and ``classifiers_pretrained`` (+ ``classifiers_pretrained_raa``) runs the
-classifier stage alone on the pretrained encoder (``train.epochs=0``): the time-to-quality variant. ``--variants``
-trains only some.
+classifier stage alone on the pretrained encoder (``train.epochs=0``): the time-to-quality variant.
+``classifiers_joint_lexical`` (+ ``_raa``) is ``classifiers_joint`` with the sparse lexical head
+(``model.lexical``: per-label TF-IDF classifiers fitted after the last epoch, inside ``train_side_s``, re-ranking
+the index's candidates). ``--variants`` trains only some.
 
     python bench/quality.py --dataset DIR --preset FILE [--minutes M] [--seeds N] [--variants V ...] [--out DIR]
                             [key=value ...]
@@ -97,7 +99,7 @@ def aggregate(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 VARIANTS = ("plain", "prototypes", "classifiers", "prototypes_classifiers", "classifiers_joint",
-            "classifiers_pretrained")
+            "classifiers_joint_lexical", "classifiers_pretrained")
 
 
 def main() -> dict:
@@ -126,6 +128,8 @@ def main() -> dict:
                 "classifiers": (classifiers, True),
                 "prototypes_classifiers": ({**classifiers, "model.prototypes.enabled": True}, True),
                 "classifiers_joint": ({**classifiers, "train.classifier_loss.joint": True}, True),
+                "classifiers_joint_lexical": ({**classifiers, "train.classifier_loss.joint": True,
+                                               "model.lexical.enabled": True}, True),
                 "classifiers_pretrained": ({**classifiers, "train.epochs": 0}, True)}
     variants = {name: variants[name] for name in args.variants}
     runs: dict[str, list[dict[str, float]]] = {}

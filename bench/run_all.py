@@ -4,8 +4,10 @@
 
 Each bench runs as its own process (one at a time, so they do not share the machine) and ends with one JSON line;
 the table shows each one's headline figures (its ratios against its plain side, and the quality figures) and the
-whole line. ``--readme`` also replaces the table between the ``<!-- bench:begin -->`` and ``<!-- bench:end -->``
-markers of README.md, so the README's figures are regenerated, never retyped.
+whole line. The runs are also kept in ``bench/RESULTS.json`` (name -> command, seconds, JSON line, time): ``--only``
+re-runs some benches and the table keeps the other benches' last runs, each row dated. ``--readme`` also replaces
+the table between the ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers of README.md, so the README's
+figures are regenerated, never retyped.
 """
 
 from __future__ import annotations
@@ -90,12 +92,15 @@ def run(name: str, args: list[str], timeout_s: float) -> tuple[dict[str, Any] | 
     return result, seconds, error
 
 
-def table(rows: list[tuple[str, str, float, dict[str, Any] | None, str]]) -> str:
-    lines = ["| bench | run | s | headline | JSON line |", "|---|---|---:|---|---|"]
-    for name, command, seconds, result, error in rows:
-        text = headline(result, BENCHES[name][1]) if result is not None else f"FAILED: {error}"
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    lines = ["| bench | run | when (UTC) | s | headline | JSON line |", "|---|---|---|---:|---|---|"]
+    for name in [n for n in BENCHES if n in runs]:
+        run_ = runs[name]
+        result = run_["result"]
+        text = headline(result, BENCHES[name][1]) if result is not None else f"FAILED: {run_['error']}"
         whole = json.dumps(result, sort_keys=True) if result is not None else ""
-        lines.append(f"| `{name}` | `{command}` | {seconds:.0f} | {text} | <details>`{whole}`</details> |")
+        lines.append(f"| `{name}` | `{run_['command']}` | {run_['when']} | {run_['seconds']:.0f} | {text} | "
+                     f"<details>`{whole}`</details> |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +112,8 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=30.0, help="per bench")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="vixml-bench-all-")
-    rows = []
+    kept = Path(args.out).with_suffix(".json")
+    runs: dict[str, dict[str, Any]] = json.loads(kept.read_text()) if args.only and kept.exists() else {}
     for name in args.only or list(BENCHES):
         bench_args = list(BENCHES[name][0])
         if "{cooking}" in bench_args:
@@ -116,9 +122,11 @@ def main() -> None:
         print(f"[run_all] {command}", flush=True)
         result, seconds, error = run(name, bench_args, args.timeout_min * 60)
         print(f"[run_all] {name}: {seconds:.0f} s {json.dumps(result) if result is not None else error}", flush=True)
-        rows.append((name, command, seconds, result, error))
-    text = (f"Quick modes of every bench, run one after another by `bench/run_all.py` on {os.cpu_count()} CPUs "
-            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n\n" + table(rows))
+        runs[name] = {"command": command, "seconds": round(seconds, 1), "result": result, "error": error,
+                      "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    kept.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+    text = (f"Quick modes of every bench, run one at a time by `bench/run_all.py` on {os.cpu_count()} CPUs.\n\n"
+            + table(runs))
     Path(args.out).write_text(text)
     if args.readme:
         readme = ROOT / "README.md"
@@ -127,7 +135,8 @@ def main() -> None:
             raise SystemExit(f"README.md has no {BEGIN} ... {END} section")
         head, rest = body.split(BEGIN, 1)
         readme.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
-    print(json.dumps({"out": args.out, "failed": [r[0] for r in rows if r[3] is None]}), flush=True)
+    print(json.dumps({"out": args.out, "failed": [name for name, r in runs.items() if r["result"] is None]}),
+          flush=True)
 
 
 if __name__ == "__main__":

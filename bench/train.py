@@ -9,15 +9,18 @@ epoch's step loop (the Ray loop times its epochs the same way: validation, repor
 
 The two sides are interleaved in ``--rounds`` rounds, plain, Ray, plain, Ray, ..., plain (Ray is up for all of them,
 so its idle daemons cost both sides alike), and round ``i``'s ratio is its Ray rate over the mean of the plain rates
-just before and after it: a drift of the machine (another process, the CPU's clock) then moves both sides of a
-ratio. Every plain run is a fresh process, as every Ray run's worker is: the same loop runs up to 20% faster or
-slower from one process to the next on this machine (steady within a process; measured 1,925 to 2,399 samples/s
-over six fresh processes), so a plain side kept in one process would be one draw against several. ``ratio`` is the median of the rounds' ratios, ``ratio_std`` their spread; every epoch's rate is printed. On a
-shared machine torch's OpenMP threads can lose 10-100x when other processes take the cores (each parallel op waits
-for a descheduled thread), so compare the spreads before trusting a ratio. Epochs are long enough (72 steps of 64
-queries by default) that one slow step does not decide a rate. Ray's start-up (``ray.init``, the Train controller,
-worker group and process group, teardown) is reported apart as ``startup_s`` = ``ray.init`` time + the median over
-rounds of ``fit()`` wall time - the worker loop's own time.
+just before and after it: a drift of the machine (another process, the CPU's clock) then moves both sides of a ratio.
+Every plain run is a fresh process, as every Ray run's worker is: the same loop runs up to 20% faster or slower from
+one process to the next on this machine (steady within a process; measured 1,925 to 2,399 samples/s over six fresh
+processes), so a plain side kept in one process would be one draw against several. ``ratio`` is the median of the
+rounds' ratios, ``ratio_std`` their spread; every epoch's rate is printed. On a shared machine torch's OpenMP threads
+can lose 10-100x when other processes take the cores (each parallel op waits for a descheduled thread), so compare the
+spreads before trusting a ratio. Epochs are long enough (72 steps of 64 queries by default) that one slow step does
+not decide a rate, and a run measures at least 3 of them: Ray Train starts its controller-side actors (controller,
+synchronisation, preemption watcher, dataset manager, ...) while the worker's first epochs run, which on 2 cores costs
+the first measured epoch ~10%; the median of 3 keeps that one epoch from deciding the rate. Ray's start-up
+(``ray.init``, the Train controller, worker group and process group, teardown) is reported apart as ``startup_s`` =
+``ray.init`` time + the median over rounds of ``fit()`` wall time - the worker loop's own time.
 
     python bench/train.py [--quick] [--threads N] [--rounds R]
 
@@ -125,15 +128,15 @@ def ray_loop(cfg: Config, name: str) -> tuple[list[float], float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 epochs (2 measured) per run, 4 rounds")
+    parser.add_argument("--quick", action="store_true", help="4 epochs (3 measured) per run, 4 rounds")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs of the worker = torch threads")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 3 with --quick, else 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 4 with --quick, else 6)")
     parser.add_argument("--rounds", type=int, default=None, help="Ray runs, each between two plain runs (default 4 "
                         "with --quick, else 6)")
     parser.add_argument("--num-train", type=int, default=4800, help="training items (72 steps of 64 per epoch)")
     parser.add_argument("--cache-dir", default=".cache/vixml", help="where the synthetic dataset is kept")
     args = parser.parse_args()
-    epochs = args.epochs or (3 if args.quick else 4)
+    epochs = args.epochs or (4 if args.quick else 6)
     rounds = args.rounds or (4 if args.quick else 6)
     if epochs < WARMUP_EPOCHS + 1 or rounds < 1:
         parser.error(f"--epochs must be >= {WARMUP_EPOCHS + 1} and --rounds >= 1")

@@ -62,9 +62,13 @@ def require(uri: str, what: str) -> str:
 
 
 def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
+        return f.read()
 
 
 @contextlib.contextmanager

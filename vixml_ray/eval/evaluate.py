@@ -45,7 +45,7 @@ from vixml_ray.errors import ConfigError, IncompatibleArtifactError, OutputExist
 from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest
-from vixml_ray.index.raa import search_labels, served_parts
+from vixml_ray.index.raa import LexicalTerm, search_labels, served_parts
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.index.versions import check_embedded_by
 from vixml_ray.index.tables import train_label_matrix
@@ -53,6 +53,7 @@ from vixml_ray.index.versions import QUERIES
 from vixml_ray.ray_utils import init_ray_for
 from vixml_ray.inference.batch import embed_split
 from vixml_ray.inference.export import Export, absolute_uri, feature_cache, read_export
+from vixml_ray.model.lexical import LexicalHead
 
 # ``<eval out>/predictions.parquet``: the ranked labels of each test row after the filter pairs were removed, best first.
 PREDICTIONS_SCHEMA = pa.schema(
@@ -69,12 +70,12 @@ NUM_DECILES = 10
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 def index_top_k(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index: ShardedIndex,
-                train_labels: sp.csr_matrix | None = None, rows: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                train_labels: sp.csr_matrix | None = None, rows: np.ndarray | None = None,
+                lexical: LexicalHead | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top ``eval.topk`` (ids int64, scores float32) of the test ``rows`` (sorted; default all) in that order, from
     the embedded ``queries`` ({row, embedding}) of those rows, filter pairs removed; -1/-inf padding. With
     ``infer.raa.enabled`` the search is retrieval-augmented (``train_labels``: the index version's training label
-    matrix).
+    matrix); a ``lexical`` head re-ranks the candidates by the rows' texts.
 
     The training loop's ``test_*`` metrics (:func:`vixml_ray.train.validation.validation_metrics`) score the same
     rows with the same propensities but rank by a brute-force torch top-k without RAA, so on an approximate index,
@@ -86,13 +87,15 @@ def index_top_k(cfg: Config, dataset: Dataset, queries: ray.data.Dataset, index:
     pairs = dataset.filter_pairs()
     pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
     seen = np.zeros(n, dtype=bool)
+    texts = dataset.texts("test") if lexical is not None else None
     for batch in queries.iter_batches(batch_size=cfg.infer.rows_per_batch, batch_format="numpy"):
         rows = np.asarray(batch["row"], dtype=np.int64)
         at = np.searchsorted(rows_all, rows)
         if not np.array_equal(rows_all[np.minimum(at, n - 1)], rows):
             raise RuntimeError("embedded test rows outside the evaluated rows")
+        term = LexicalTerm.of(lexical, [texts[row] for row in rows]) if lexical is not None else None
         result = search_labels(index, batch["embedding"], topk, cfg.infer.raa, lambda _: train_labels,
-                               rows_pairs(pairs, rows))
+                               rows_pairs(pairs, rows), term)
         ids[at], scores[at] = result.ids, result.scores
         seen[at] = True
     if not seen.all():
@@ -204,7 +207,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         queries = embed_split(cfg, export, dataset, "test", features, keep=keep).materialize()
         t1 = time.perf_counter()
         with ShardedIndex(index_uri, cfg.index, manifest.version, parts) as index:
-            ids, scores = index_top_k(cfg, dataset, queries, index, train_labels, rows)
+            ids, scores = index_top_k(cfg, dataset, queries, index, train_labels, rows, export.lexical_head())
         t2 = time.perf_counter()
     result = {
         **score(cfg, dataset, ids, rows),
@@ -213,6 +216,7 @@ def evaluate(export_uri: str, dataset_uri: str, out_uri: str, index_dir: str | N
         "index": {"dir": None if index_dir is None else index_uri, "version": manifest.version,
                   "temporary": index_dir is None},
         "raa": dataclasses.asdict(cfg.infer.raa),
+        "lexical": dataclasses.asdict(cfg.model.lexical) if export.meta.get("lexical") else None,
         "export": export.identity(),
         "dataset": {"uri": dataset.uri, "content_hash": dataset.manifest.get("content_hash")},
         "timing": {"embed_s": round(t1 - t0, 3), "search_s": round(t2 - t1, 3),

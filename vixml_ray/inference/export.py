@@ -20,6 +20,8 @@ from vixml_ray.config import Config, load_config, read_config
 from vixml_ray.data.dataset import Dataset
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPathError
 from vixml_ray.model.embedder import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE
+from vixml_ray.model.lexical import VOCABULARY_FILE, LexicalHead, load_lexical
+from vixml_ray.model.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS_FILE
 
 # vision settings that change the image features a model was trained on (runtime knobs may differ)
 VISION_IDENTITY = ("backend", "model_name", "weights", "model_config", "image_size", "cache_dtype")
@@ -57,11 +59,16 @@ class Export:
             return
         if dataset.num_labels != self.meta.get("num_labels") or dataset.label_catalogue() != catalogue:
             parts = " and ".join(name for name, has in (("label prototypes", self.cfg.model.prototypes.enabled),
-                                                         ("classifier vectors", self.meta.get("classifiers"))) if has)
+                                                         ("classifier vectors", self.meta.get("classifiers")),
+                                                         ("a lexical head", self.meta.get("lexical"))) if has)
             raise IncompatibleArtifactError(f"the export {self.uri} has {parts or 'per-label vectors'} for "
                                             f"{self.meta.get('num_labels')} labels of another label set than "
                                             f"{dataset.file_uri('label')} ({dataset.num_labels} labels); use the "
                                             "dataset it was trained on, or retrain")
+
+    def lexical_head(self) -> LexicalHead | None:
+        """The export's sparse lexical head (``model.lexical``), or None."""
+        return load_lexical(self.uri, self.cfg.model.lexical) if self.meta.get("lexical") else None
 
     def identity(self) -> dict[str, Any]:
         """What an index version records about the model that embedded its labels."""
@@ -75,9 +82,10 @@ def absolute_uri(uri: str) -> str:
 
 
 def export_fingerprint(root: str) -> str:
-    """SHA-256 over the export's config, metadata and weights, streamed."""
+    """SHA-256 over the export's config, metadata and weights (and its lexical head's files), streamed."""
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE):
+    lexical = (LEXICAL_WEIGHTS_FILE, VOCABULARY_FILE) if storage.exists(storage.join(root, VOCABULARY_FILE)) else ()
+    for name in (CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, *lexical):
         fs, path = storage.filesystem(storage.join(root, name))
         digest.update(name.encode("utf-8") + b"\0")
         with fs.open_input_stream(path) as f:

@@ -18,6 +18,11 @@ With ``model.classifiers.enabled`` a trained model also carries per-label classi
 (:class:`~vixml_ray.model.classifiers.LabelClassifiers`, set by the training's classifier stage through
 :meth:`Embedder.set_classifiers`): :meth:`Embedder.label_vectors` then serves them (fused with the Siamese vector),
 and the export records ``num_labels``, ``classifiers: true`` and carries the vectors.
+
+With ``model.lexical.enabled`` a trained model also carries the sparse lexical head
+(:class:`~vixml_ray.model.lexical.LexicalHead`, fitted at the end of training into :attr:`Embedder.lexical`): the
+export then holds its files and records ``lexical: true``; rankers load it alone with
+:func:`~vixml_ray.model.lexical.load_lexical`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPath
 from vixml_ray import devices
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.classifiers import LabelClassifiers
+from vixml_ray.model.lexical import LexicalHead, load_lexical
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
 from vixml_ray.model.prototypes import LabelPrototypes
 
@@ -74,6 +80,7 @@ class Embedder(nn.Module):
         self.label_catalogue: str | None = None  # the label set the per-label vectors index (Dataset.label_catalogue)
         # per-label classifier vectors: none until the classifier stage (or an export) sets them
         self.classifiers: LabelClassifiers | None = None
+        self.lexical: LexicalHead | None = None  # the sparse lexical head: none until fitted (or loaded)
         if model_cfg.prototypes.enabled:
             if num_labels is None:
                 raise ConfigError("'model.prototypes.enabled' is true but the number of labels was not given")
@@ -81,8 +88,9 @@ class Embedder(nn.Module):
 
     @property
     def num_labels(self) -> int | None:
-        """The label count the per-label vectors (prototypes, classifiers) were built for (None without them)."""
-        for part in (self.prototypes, self.classifiers):
+        """The label count the per-label parts (prototypes, classifiers, lexical head) were built for (None without
+        them)."""
+        for part in (self.prototypes, self.classifiers, self.lexical):
             if part is not None:
                 return part.num_labels
         return None
@@ -195,10 +203,13 @@ class Embedder(nn.Module):
             weights = save_safetensors(tensors, metadata={"format": "pt"})
             storage.write_bytes(storage.join(staging, WEIGHTS_FILE), weights)
             storage.write_text(storage.join(staging, CONFIG_FILE), to_yaml(self.cfg))
+            if self.lexical is not None:
+                self.lexical.save(staging)
             storage.write_json(storage.join(staging, EXPORT_FILE), {
                 "format": EXPORT_FORMAT, "image_dim": self.image_dim, "kind": self.kind,
                 "hidden_size": self.hidden_size, "num_tensors": len(tensors), "num_labels": self.num_labels,
                 "label_catalogue": self.label_catalogue, "classifiers": self.classifiers is not None,
+                "lexical": self.lexical is not None,
             })
 
 
@@ -235,10 +246,10 @@ def load_export(directory: str) -> Embedder:
         raise IncompatibleArtifactError(f"{meta_uri}: the model has label prototypes but no 'num_labels'")
     embedder = build_embedder(cfg, meta["image_dim"], meta.get("num_labels"))
     embedder.label_catalogue = meta.get("label_catalogue")
-    fs, path = storage.filesystem(storage.join(root, WEIGHTS_FILE))
-    with fs.open_input_stream(path) as f:
-        state = load_safetensors(f.read())
+    state = load_safetensors(storage.read_bytes(storage.join(root, WEIGHTS_FILE)))
     if meta.get("classifiers"):
         embedder.set_classifiers(state["classifiers.weight"], state["classifiers.trained"])
     embedder.load_trainable_state_dict(state)
+    if meta.get("lexical"):
+        embedder.lexical = load_lexical(root, cfg.model.lexical)
     return embedder

@@ -27,7 +27,7 @@ from vixml_ray.config import Config
 from vixml_ray.devices import actor_device
 from vixml_ray.errors import IncompatibleArtifactError
 from vixml_ray.index import Manifest, ShardedIndex, read_manifest
-from vixml_ray.index.raa import search_labels, served_parts
+from vixml_ray.index.raa import LexicalTerm, search_labels, served_parts
 from vixml_ray.index.versions import check_embedded_by
 from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.model.embedder import load_export
@@ -50,7 +50,8 @@ class Query:
 class Prediction:
     ids: list[int]  # label rows, best first
     names: list[str]  # label texts
-    scores: list[float]  # inner products of unit vectors (retrieval-augmented scores with infer.raa.enabled)
+    scores: list[float]  # inner products of unit vectors (retrieval-augmented with infer.raa.enabled; plus the
+    # lexical head's term with model.lexical.enabled)
     version: str  # the index version that answered
     image_errors: list[str | None] = field(default_factory=list)  # per given image: why it was masked, or None
 
@@ -108,6 +109,7 @@ class Predictor:
         manifest = read_manifest(self.index_dir)
         self._check(manifest)
         self.encoder = QueryEncoder(self.export, self.cfg, base_uri)
+        self.lexical = self.export.lexical_head()
         self._per_version: dict[tuple[str, str], object] = {}
         self._cache_lock = threading.Lock()
         self.index = ShardedIndex(self.index_dir, self.cfg.index, manifest.version,
@@ -161,7 +163,8 @@ class Predictor:
         if not queries:
             return []
         embeddings, errors = self.embed(queries)
-        result = search_labels(self.index, embeddings, k, self.cfg.infer.raa, self.train_labels)
+        term = LexicalTerm.of(self.lexical, [q.text for q in queries]) if self.lexical is not None else None
+        result = search_labels(self.index, embeddings, k, self.cfg.infer.raa, self.train_labels, lexical=term)
         names = self.label_names(result.version)
         out = []
         for ids, scores, image_errors in zip(result.ids, result.scores, errors):

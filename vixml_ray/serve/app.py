@@ -6,7 +6,8 @@ Request path: the ingress validates the request (:mod:`vixml_ray.serve.api`), re
 (:mod:`vixml_ray.serve.images`), has the encoder embed the queries, and runs the same label search as
 :func:`vixml_ray.eval.evaluate.evaluate` (:func:`vixml_ray.index.raa.search_labels` over an
 :class:`~vixml_ray.index.sharded.IndexView` whose shard calls go to the shard deployments), so the per-shard top-k
-are merged exactly by (-score, id) and ``infer.raa.enabled`` applies as there. One request is answered entirely by
+are merged exactly by (-score, id) and ``infer.raa.enabled`` applies as there, as does the export's lexical head
+(``model.lexical``, held by the ingress: it re-ranks the candidates by the request's texts). One request is answered entirely by
 the index version it started on; a shard or encoder call that fails is retried once (Serve routes it to another
 replica), then the request gets 503, as it does at once while a deployment has no running replica (its only one
 died and Serve is replacing it, see :mod:`vixml_ray.serve.calls`).
@@ -42,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 
 from vixml_ray.config import Config
 from vixml_ray.errors import ConfigError
-from vixml_ray.index.raa import search_labels, served_parts
+from vixml_ray.index.raa import LexicalTerm, search_labels, served_parts
 from vixml_ray.index.sharded import Generation, IndexView, SearchResult, shard_bounds
 from vixml_ray.index.tables import read_labels, train_label_matrix
 from vixml_ray.index.versions import Manifest, current_version, read_manifest
@@ -111,6 +112,7 @@ class Ingress:
         start so that the poller never moves off it before Serve calls :meth:`reconfigure`."""
         self.encoder, self.shards, self.cfg, self.index_dir = encoder, shards, cfg, index_dir
         self.export: Export = read_export(export_uri)
+        self.lexical = self.export.lexical_head()  # the sparse lexical head (model.lexical), held by the ingress
         self.api_key = api.api_key(cfg.serve)
         self.pool = ThreadPoolExecutor(max_workers=max(8, 2 * len(shards)), thread_name_prefix="fanout")
         self.refusals: list[dict[str, Any]] = []
@@ -210,8 +212,9 @@ class Ingress:
         if not self.export.uses_images:
             errors = [[TEXT_ONLY] * len(query.images) for query in queries]
         view = ServedView(served.gen, self.cfg.serve.request_timeout_s, self.pool, self.call)
+        term = LexicalTerm.of(self.lexical, [q.text for q in queries]) if self.lexical is not None else None
         result = search_labels(_PinnedIndex(view), embeddings, k, self.cfg.infer.raa,
-                               lambda manifest: served.train_labels)
+                               lambda manifest: served.train_labels, lexical=term)
         results = []
         for ids, scores, image_errors in zip(result.ids, result.scores, errors):
             ids = ids[ids >= 0]

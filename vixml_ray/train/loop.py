@@ -49,6 +49,7 @@ from vixml_ray.model.embedder import Embedder
 from vixml_ray.train import dist
 from vixml_ray.train.classifiers import ClassifierResult, ClassifierTable, train_classifiers
 from vixml_ray.train.clustering import balanced_clusters
+from vixml_ray.train.lexical import fit_lexical
 from vixml_ray.train.engine import Engine, TorchEngine, learning_rates
 from vixml_ray.train.inputs import TrainInputs, load_inputs
 from vixml_ray.train.loss import PrimeLossConfig, TripletLossConfig
@@ -57,7 +58,7 @@ from vixml_ray.train.prototypes import init_prototypes, label_centroids
 from vixml_ray.train.runtime import Runtime
 from vixml_ray.train.sampler import ClusterSchedule, GlobalBatchSampler
 from vixml_ray.train.step import classifier_step, make_step_batch, train_step
-from vixml_ray.train.validation import embed_rows, validation_metrics
+from vixml_ray.train.validation import embed_rows, exact_top_k, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,22 @@ class Trainer:
         return validation_metrics(queries, labels, self.inputs.train_labels[rows], k=5, topk=5,
                                   device=self.runtime.device, prefix="val_")
 
-    def test(self) -> dict[str, float]:
+    def fit_lexical(self, emb: np.ndarray, label_emb: np.ndarray) -> dict[str, Any]:
+        """Fits the sparse lexical head (``model.lexical``) of the final model, whose training-query embeddings are
+        ``emb`` (rows of ``sampler.rows``) and label vectors ``label_emb``; in the exporting process (rank 0)."""
+        cfg = self.cfg.model.lexical
+        if dist.rank() != 0:
+            return {}
+        start = time.perf_counter()
+        shortlist, _ = exact_top_k(emb, label_emb, cfg.negatives, self.runtime.device)
+        texts = self.inputs.dataset.texts("train")
+        head = fit_lexical(cfg, [texts[row] for row in self.sampler.rows], self.inputs.train_labels[self.sampler.rows],
+                           shortlist, self.cfg.train.seed)
+        self.engine.embedder.lexical = head
+        return {"lexical_labels": int(head.trained.sum()), "lexical_weights": int(head.weights.nnz),
+                "lexical_s": round(time.perf_counter() - start, 3)}
+
+    def test(self, label_emb: np.ndarray | None = None) -> dict[str, float]:
         """``test_*`` metrics of the final model on the test split, or on its ``eval.sample_size`` sample (the evaluate
         job's rows: the scan is test rows x labels, so at a million labels only a sample is affordable); propensities
         from every TRAIN row, as in the evaluation job (which searches the index instead: see
@@ -366,7 +382,8 @@ class Trainer:
         rows = dataset.sample_rows("test", eval_cfg.sample_size, eval_cfg.sample_seed)
         queries = self._embed("test", rows)
         inv = inverse_propensity(self.inputs.train_labels, eval_cfg.propensity_a, eval_cfg.propensity_b)
-        return validation_metrics(queries, self.label_embeddings(), self.inputs.test_labels[rows], k=eval_cfg.k,
+        label_emb = self.label_embeddings() if label_emb is None else label_emb
+        return validation_metrics(queries, label_emb, self.inputs.test_labels[rows], k=eval_cfg.k,
                                   topk=eval_cfg.topk, device=self.runtime.device, inv_propensity=inv,
                                   filter_pairs=rows_pairs(dataset.filter_pairs(), rows), prefix="test_")
 
@@ -433,8 +450,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- end
     def finish(self) -> dict[str, Any]:
-        prototypes = self.engine.embedder.prototypes is not None
-        emb = self.embed_training_queries() if prototypes or self.final_stage else None  # by the final model
+        prototypes, lexical = self.engine.embedder.prototypes is not None, self.cfg.model.lexical.enabled
+        emb = self.embed_training_queries() if prototypes or self.final_stage or lexical else None  # final model
         if prototypes:
             self.update_centroids(emb)
         if self.final_stage:
@@ -443,8 +460,10 @@ class Trainer:
         if self.classifier_table is not None:
             self.engine.embedder.set_classifiers(torch.as_tensor(self.classifier_table.weight()),
                                                  torch.as_tensor(self.classifier_table.trained))
+        label_emb = self.label_embeddings() if lexical else None  # the final vectors (all ranks)
+        lexical_summary = self.fit_lexical(emb, label_emb) if lexical else {}
         self.state.train_s = self._elapsed()  # everything before the test
-        test = self.test()
+        test = self.test(label_emb)
         export = self.runtime.output_dir
         self.engine.export(export)
         history = self.state.history
@@ -459,6 +478,7 @@ class Trainer:
             **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             **self.classifier_summary,
             **({"classifier_joint": True} if self.joint else {}),
+            **lexical_summary,
             **test,
         }
         return summary
@@ -500,7 +520,7 @@ def build_trainer(cfg: Config, runtime: Runtime, make_engine: EngineFactory = to
     embedder = build_embedder(cfg, inputs.image_dim, inputs.dataset.num_labels)
     resume = runtime.latest_checkpoint()
     setup_s = 0.0  # training-side time before the loop (inside the budget; a resumed run carries its own)
-    if embedder.prototypes is not None or cfg.model.classifiers.enabled:
+    if embedder.prototypes is not None or cfg.model.classifiers.enabled or cfg.model.lexical.enabled:
         embedder.label_catalogue = inputs.dataset.label_catalogue()
     if embedder.prototypes is not None:
         if not resume:
