@@ -34,12 +34,13 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
                                    "plain_images_per_s"]),
     "cluster": (["--quick"], ["seconds", "peak_rss_gb"]),
     "train": (["--quick"], ["ratio", "ratio_std", "ray_samples_per_s", "plain_samples_per_s"]),
-    "fusion": (["--quick"], ["text_only", "text_image", "shuffled_image", "popularity"]),
+    "fusion": (["--quick"], ["text_only_p1", "text_image_p1", "shuffled_image_p1", "popularity_p1"]),
     "index": (["--quick"], ["ratio", "identical", "refresh_ratio"]),
     "serve": (["--quick"], ["qps_ratio", "single_qps_ratio", "c1_overhead_ms", "p50_ms", "p99_ms", "errors",
                             "swap_errors"]),
     "scale": (["--quick"], ["refresh_ratio", "incremental_fraction", "max_rss_gb"]),
-    "quality": (["--dataset", "{cooking}", "--preset", "minilm-cpu", "--minutes", "2", "--seeds", "1"],
+    "quality": (["--dataset", "{cooking}", "--preset", "minilm-cpu", "--minutes", "2", "--seeds", "1",
+                 "--variants", "plain", "prototypes"],
                 ["plain", "prototypes", "prototypes_raa"]),
 }
 
@@ -68,7 +69,12 @@ def headline(result: dict[str, Any], keys: list[str]) -> str:
         matches = [k for k in flat if k == key or k.endswith("." + key)]
         for k in matches:
             value = flat[k]
-            if isinstance(value, dict):
+            if isinstance(value, dict) and "P@1" in value:  # a quality variant: metrics +- their spread, its cost
+                parts = [f"{n} {value[n]} +- {value.get(n + '_std', 0)}" for n in ("P@1", "P@5", "PSP@5") if n in value]
+                if "train_side_s" in value:
+                    parts.append(f"train_side_s {value['train_side_s']}")
+                value = ", ".join(parts)
+            elif isinstance(value, dict):
                 value = ", ".join(f"{n} {v}" for n, v in value.items() if not isinstance(v, (dict, list)))
             shown.append(f"{k} {value}")
     return "; ".join(shown)
