@@ -1,5 +1,5 @@
 """The Ray Serve application over real HTTP (httpx on 127.0.0.1): every endpoint; served top-k equal evaluate's with
-and without RAA; bad input gets its status and message; unsafe images and missing keys are refused; a refresh
+and without RAA (the RAA app's export also carries a lexical head, which the ingress applies); bad input gets its status and message; unsafe images and missing keys are refused; a refresh
 during a stream of requests fails none; a refused version keeps the old one serving; a pinned version holds until
 the user_config releases it; a killed shard replica fails no request with 2 per shard, and with 1 per shard gets
 503 at once until Serve has replaced it."""
@@ -18,15 +18,19 @@ import httpx
 import numpy as np
 import pytest
 import ray
+import torch
 from ray import serve
 
-from inference_helpers import evaluated_setup, inference_config, make_export
+from inference_helpers import evaluated_setup, inference_config
+from vixml_ray.config import Config
 from vixml_ray.data.dataset import open_dataset
 from vixml_ray.eval.evaluate import evaluate, read_predictions
 from vixml_ray.index.refresh import refresh_labels
 from vixml_ray.index.versions import current_version, set_current
+from vixml_ray.model import build_embedder
 from vixml_ray.serve.app import application
 from vixml_ray.serve.run import start, stop
+from vixml_ray.train.lexical import fit_lexical
 
 pytestmark = pytest.mark.slow
 KEY_ENV = "VIXML_TEST_SERVE_KEY"
@@ -56,6 +60,19 @@ def request_queries(dataset: str) -> list[dict]:
     return [{"text": text, "images": slots} for text, slots in zip(ds.texts("test"), images)]
 
 
+def make_lexical_export(out: Path, cfg: Config, dataset: str) -> str:
+    """A random-weight text-only tiny embedder with a lexical head fitted on the dataset's training texts (each
+    query's labels and three seeded random labels as its shortlist), published as an inference export."""
+    torch.manual_seed(0)
+    embedder = build_embedder(cfg, None)
+    ds = open_dataset(dataset)
+    shortlist = np.random.default_rng(0).integers(0, ds.num_labels, (ds.num_train, 3))
+    embedder.lexical = fit_lexical(cfg.model.lexical, ds.texts("train"), ds.label_matrix("train"), shortlist, seed=0)
+    embedder.label_catalogue = ds.label_catalogue()
+    embedder.save_export(str(out))
+    return str(out)
+
+
 def build(tmp: Path, port: int) -> dict:
     """The data, exports, indexes and evaluations of the two apps (see :func:`served`)."""
     root = tmp / "images"
@@ -69,8 +86,9 @@ def build(tmp: Path, port: int) -> dict:
 
     raa_cfg = inference_config(tmp, *common, "model.use_images=false", "infer.raa.enabled=true", "infer.raa.lam=0.5",
                                "infer.raa.neighbors=8", "serve.shard_replicas=2", f"serve.api_key_env={KEY_ENV}",
-                               "serve.ingress_max_ongoing_requests=2", "serve.max_queued_requests=1")
-    raa_export = make_export(tmp / "export-raa", raa_cfg)
+                               "serve.ingress_max_ongoing_requests=2", "serve.max_queued_requests=1",
+                               "model.lexical.enabled=true", "model.lexical.weight=0.5", "model.lexical.candidates=12")
+    raa_export = make_lexical_export(tmp / "export-raa", raa_cfg, dataset)
     raa_index = str(tmp / "index-raa")
     refresh_labels(raa_export, dataset, raa_index, raa_cfg)
     evaluate(raa_export, dataset, str(tmp / "eval-raa"), index_dir=raa_index, cfg=raa_cfg)

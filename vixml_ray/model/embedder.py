@@ -21,8 +21,8 @@ and the export records ``num_labels``, ``classifiers: true`` and carries the vec
 
 With ``model.lexical.enabled`` a trained model also carries the sparse lexical head
 (:class:`~vixml_ray.model.lexical.LexicalHead`, fitted at the end of training into :attr:`Embedder.lexical`): the
-export then holds its files and records ``lexical: true``; rankers load it alone with
-:func:`~vixml_ray.model.lexical.load_lexical`.
+export then holds its files and records ``lexical: true``. :func:`load_export` leaves it out (embedding never
+needs it); whoever ranks loads it alone (:meth:`vixml_ray.inference.export.Export.lexical_head`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from vixml_ray.errors import ConfigError, IncompatibleArtifactError, MissingPath
 from vixml_ray import devices
 from vixml_ray.model.backbone import load_backbone
 from vixml_ray.model.classifiers import LabelClassifiers
-from vixml_ray.model.lexical import LexicalHead, load_lexical
+from vixml_ray.model.lexical import LexicalHead
 from vixml_ray.model.prompt import IMAGE_KIND, Layout, build_template
 from vixml_ray.model.prototypes import LabelPrototypes
 
@@ -250,6 +250,4 @@ def load_export(directory: str) -> Embedder:
     if meta.get("classifiers"):
         embedder.set_classifiers(state["classifiers.weight"], state["classifiers.trained"])
     embedder.load_trainable_state_dict(state)
-    if meta.get("lexical"):
-        embedder.lexical = load_lexical(root, cfg.model.lexical)
     return embedder
