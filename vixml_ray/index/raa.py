@@ -45,8 +45,9 @@ class LexicalTerm:
     candidates: int  # the index's top labels per query that join the candidates
 
     @classmethod
-    def of(cls, head: LexicalHead, texts: list[str]) -> "LexicalTerm":
-        return cls(head, head.features(texts), head.cfg.weight, head.cfg.candidates)
+    def of(cls, head: LexicalHead | None, texts: list[str]) -> "LexicalTerm | None":
+        """The term of ``head`` for queries ``texts`` (None without a head)."""
+        return None if head is None else cls(head, head.features(texts), head.cfg.weight, head.cfg.candidates)
 
     def __call__(self, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return self.weight * self.head.pair_scores(self.features, rows, labels)

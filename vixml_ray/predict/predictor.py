@@ -163,8 +163,8 @@ class Predictor:
         if not queries:
             return []
         embeddings, errors = self.embed(queries)
-        term = LexicalTerm.of(self.lexical, [q.text for q in queries]) if self.lexical is not None else None
-        result = search_labels(self.index, embeddings, k, self.cfg.infer.raa, self.train_labels, lexical=term)
+        result = search_labels(self.index, embeddings, k, self.cfg.infer.raa, self.train_labels,
+                               lexical=LexicalTerm.of(self.lexical, [q.text for q in queries]))
         names = self.label_names(result.version)
         out = []
         for ids, scores, image_errors in zip(result.ids, result.scores, errors):

@@ -212,9 +212,9 @@ class Ingress:
         if not self.export.uses_images:
             errors = [[TEXT_ONLY] * len(query.images) for query in queries]
         view = ServedView(served.gen, self.cfg.serve.request_timeout_s, self.pool, self.call)
-        term = LexicalTerm.of(self.lexical, [q.text for q in queries]) if self.lexical is not None else None
         result = search_labels(_PinnedIndex(view), embeddings, k, self.cfg.infer.raa,
-                               lambda manifest: served.train_labels, lexical=term)
+                               lambda manifest: served.train_labels,
+                               lexical=LexicalTerm.of(self.lexical, [q.text for q in queries]))
         results = []
         for ids, scores, image_errors in zip(result.ids, result.scores, errors):
             ids = ids[ids >= 0]
