@@ -40,6 +40,21 @@ def test_tables_and_matrices(small_dataset: Path) -> None:
         ds.table("dev")
 
 
+def test_label_counts_stream_the_split(small_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """label_counts reads record batches (never the whole split) and counts like the label matrix does."""
+    ds = open_dataset(str(small_dataset))
+    expected = np.bincount(ds.label_matrix("train").indices, minlength=30)
+    batches = []
+    iter_batches = ds.iter_batches
+    monkeypatch.setattr(ds, "iter_batches", lambda *a, **kw: (batches.append(b.num_rows) or b
+                                                              for b in iter_batches(*a, **{**kw, "batch_rows": 64})))
+    monkeypatch.setattr(ds, "table", lambda *a, **kw: pytest.fail("label_counts read a whole table"))
+    assert ds.label_counts("train").tolist() == expected.tolist()
+    assert batches == [64, 64, 64, 64, 44]
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        ds.label_counts("label")
+
+
 def test_validation_rows_are_deterministic_and_disjoint(small_dataset: Path) -> None:
     ds = open_dataset(str(small_dataset))
     data = load_config(None, ["data.validation_fraction=0.1", "data.max_validation=20"]).data

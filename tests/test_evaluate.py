@@ -100,6 +100,26 @@ def test_a_sample_embeds_and_scores_only_its_rows(setup):
     assert metrics["counts"]["queries"] == 9 and metrics["sample"] == {"size": 9, "seed": 3}
 
 
+def test_scoring_streams_the_training_labels(setup, monkeypatch):
+    """Metrics need the training label counts only: scoring streams them instead of building the training split's
+    label matrix (2.2M x 1.3M at LF-AmazonTitles-1.3M size), and the figures are the same."""
+    from vixml_ray.data.dataset import Dataset
+    from vixml_ray.eval.evaluate import score
+
+    dataset = open_dataset(setup["dataset"])
+    rows, predicted, _ = read_predictions(str(setup["out"]))
+    label_matrix = Dataset.label_matrix
+
+    def test_split_only(self, split, rows=None):
+        assert split == "test", "scoring built the training label matrix"
+        return label_matrix(self, split, rows)
+
+    monkeypatch.setattr(Dataset, "label_matrix", test_split_only)
+    scored = score(setup["cfg"], dataset, np.stack(predicted))
+    metrics = json.loads((setup["out"] / "metrics.json").read_text())
+    assert scored["at_k"] == metrics["at_k"] and scored["deciles"] == metrics["deciles"]
+
+
 def test_reports_table_plot_and_deciles(setup):
     out, k = setup["out"], setup["cfg"].eval.k
     metrics = json.loads((out / "metrics.json").read_text())

@@ -120,14 +120,22 @@ class Dataset:
         if split not in ("train", "test"):
             raise ValueError(f"label_matrix needs split 'train' or 'test', got {split!r}")
         table = self.table(split, ["labels", "label_rels"])
-        lists = table.column("labels").combine_chunks()
-        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-        indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        indices = pc.list_flatten(lists).to_numpy()
-        data = pc.list_flatten(table.column("label_rels").combine_chunks()).to_numpy()
-        matrix = sp.csr_matrix((data, indices, indptr), shape=(len(lengths), self.num_labels))
+        matrix = _label_rows(table.column("labels").combine_chunks(), table.column("label_rels").combine_chunks(),
+                             self.num_labels)
         return matrix[np.asarray(rows)] if rows is not None else matrix
+
+    def label_counts(self, split: str) -> np.ndarray:
+        """int64 [num_labels]: how many rows of ``train`` or ``test`` carry each label (a non-zero relevance, a
+        repeated label once), streamed in record batches: the split's label matrix is never held whole."""
+        if split not in ("train", "test"):
+            raise ValueError(f"label_counts needs split 'train' or 'test', got {split!r}")
+        counts = np.zeros(self.num_labels, dtype=np.int64)
+        for batch in self.iter_batches(split, ["labels", "label_rels"]):
+            rows = _label_rows(batch.column(0), batch.column(1), self.num_labels).copy()  # arrow memory is read-only
+            rows.sum_duplicates()
+            rows.eliminate_zeros()
+            counts += np.bincount(rows.indices, minlength=self.num_labels)
+        return counts
 
     def filter_pairs(self) -> np.ndarray:
         """(test row, label) pairs to remove from predictions, int64 [n, 2] sorted."""
@@ -198,3 +206,12 @@ def register_features(dataset_uri: str, model_slug: str, info: dict[str, Any]) -
         manifest.setdefault("features", {})[model_slug] = dict(info)
         storage.write_json(manifest_uri, manifest)
     return manifest
+
+
+def _label_rows(lists: pa.ListArray, rels: pa.ListArray, num_labels: int) -> sp.csr_matrix:
+    """CSR [len(lists) x num_labels] of the ``labels``/``label_rels`` list columns (values = relevances)."""
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return sp.csr_matrix((pc.list_flatten(rels).to_numpy(), pc.list_flatten(lists).to_numpy(), indptr),
+                         shape=(len(lengths), num_labels))

@@ -42,7 +42,7 @@ from vixml_ray.config import Config, save_config
 from vixml_ray.data.dataset import Dataset, open_dataset
 from vixml_ray.data.filters import rows_pairs
 from vixml_ray.errors import ConfigError, IncompatibleArtifactError, OutputExistsError
-from vixml_ray.eval.metrics import inverse_propensity, xmc_metrics
+from vixml_ray.eval.metrics import inverse_propensity_of_counts, xmc_metrics
 from vixml_ray.eval.report import write_report
 from vixml_ray.index import ShardedIndex, read_manifest
 from vixml_ray.index.raa import LexicalTerm, search_labels, served_parts
@@ -129,11 +129,10 @@ def score(cfg: Config, dataset: Dataset, ids: np.ndarray, rows: np.ndarray | Non
     """P, nDCG, PSP, PSnDCG, R at 1..eval.k and P@k by label-frequency decile of the predictions ``ids`` of the test
     ``rows`` (default all)."""
     k = cfg.eval.k
-    train = dataset.label_matrix("train")
+    train_counts = dataset.label_counts("train")
     truth = dataset.label_matrix("test", rows)
-    inv = inverse_propensity(train, cfg.eval.propensity_a, cfg.eval.propensity_b)
+    inv = inverse_propensity_of_counts(train_counts, dataset.num_train, cfg.eval.propensity_a, cfg.eval.propensity_b)
     at_k = {name: [float(x) for x in values] for name, values in xmc_metrics(ids, truth, k, inv).items()}
-    train_counts = np.bincount(sp.csr_matrix(train).indices, minlength=dataset.num_labels)
     return {
         "k": k,
         "metrics": {f"{name}@{j + 1}": values[j] for name, values in at_k.items() for j in range(k)},

@@ -38,11 +38,15 @@ def inverse_propensity(train_labels: sp.csr_matrix, a: float = 0.55, b: float = 
     the number of training points carrying label ``l`` and ``N`` the number of training points."""
     labels = _binary_csr(train_labels, "train_labels")
     num_points, num_labels = labels.shape
+    return inverse_propensity_of_counts(np.bincount(labels.indices, minlength=num_labels), num_points, a, b)
+
+
+def inverse_propensity_of_counts(counts: np.ndarray, num_points: int, a: float = 0.55, b: float = 1.5) -> np.ndarray:
+    """:func:`inverse_propensity` from the training label ``counts`` and the number of training points."""
     if num_points == 0:
         raise ValueError("train_labels has no rows: propensities need training label counts")
-    counts = np.bincount(labels.indices, minlength=num_labels).astype(np.float64)
     c = (np.log(num_points) - 1.0) * (b + 1.0) ** a
-    return 1.0 + c * (counts + b) ** -a
+    return 1.0 + c * (np.asarray(counts, dtype=np.float64) + b) ** -a
 
 
 def _hits(topk: np.ndarray, truth: sp.csr_matrix) -> np.ndarray:
