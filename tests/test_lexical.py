@@ -5,6 +5,7 @@ retrieval augmentation), and a trained model carries it through the export into 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from vixml_ray.index.raa import LexicalTerm, augmented_search
 from vixml_ray.model.lexical import VOCABULARY_FILE, load_lexical
 from vixml_ray.train.lexical import fit_lexical
 
-CFG = LexicalConfig(enabled=True, weight=0.5, candidates=6, negatives=3, min_queries=2)
+CFG = LexicalConfig(enabled=True, weight=0.5, candidates=6, negatives=3, random_negatives=0, min_queries=2)
 TEXTS = ["red apple pie", "apple pie recipe", "green apple tart", "pear tart recipe", "pear cake",
          "chocolate cake recipe", "dark chocolate cake", "chocolate pie", "lone label text"]
 # label 0: apple, 1: pear, 2: chocolate, 3: cake, 4: a label with one query (no classifier), 5: no query at all
@@ -51,6 +52,22 @@ def test_the_head_separates_a_label_from_the_queries_confused_with_it() -> None:
         np.testing.assert_array_equal(head.pair_scores(features, np.arange(len(TEXTS)), np.full(len(TEXTS), label)), -1)
     np.testing.assert_allclose(head.pair_scores(unseen, [0, 1], [0, 0]), head.bias[0])  # no known n-gram: the bias
     assert head.weights[0].nnz < len(head.vectorizer.vocabulary_)  # sparse: only its training queries' n-grams
+
+
+def test_random_negatives_teach_a_label_the_queries_nobody_confused_with_it() -> None:
+    """With every query's shortlist its own labels only, there is no hard negative and no classifier; uniformly drawn
+    training queries (64 draws over 9 queries: all of them) make each label reject every query not its own."""
+    own = np.array([[ls[0], -1, -1] for ls in LABELS])
+    assert not fit_lexical(CFG, TEXTS, _labels(), own, seed=0).trained.any()
+    cfg = replace(CFG, random_negatives=64)
+    head = fit_lexical(cfg, TEXTS, _labels(), own, seed=0)
+    assert head.trained.tolist() == [True, True, True, True, False, False]
+    y, features = _labels().toarray(), head.features(TEXTS)
+    for label in range(4):
+        h = head.pair_scores(features, np.arange(len(TEXTS)), np.full(len(TEXTS), label))
+        assert (h[y[:, label] > 0] > 0).all() and (h[y[:, label] == 0] < 0).all(), label
+    again = fit_lexical(cfg, TEXTS, _labels(), own, seed=0)
+    assert (again.weights != head.weights).nnz == 0 and np.array_equal(again.bias, head.bias)
 
 
 def test_the_head_round_trips_through_its_files(tmp_path: Path) -> None:

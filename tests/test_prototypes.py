@@ -253,3 +253,18 @@ def test_the_budget_covers_the_prototype_set_up_and_the_final_centroids(dataset:
     # the set-up's seconds start the budget's clock of a fresh run
     trainer = build_trainer(_config(root, out), LocalRuntime(str(tmp_path / "setup"), num_to_keep=1, resume=False))
     assert trainer.state.train_s > 0
+
+
+def test_the_budget_reserves_the_lexical_heads_passes(dataset: tuple[Path, str], tmp_path: Path) -> None:
+    """With the lexical head, the end of training embeds the training queries and every label (the head's
+    shortlists): the budget reserves both passes at the latest embedding rate."""
+    root, out = dataset
+    trainers = [build_trainer(_config(root, out, **{"model.prototypes.enabled": False, "model.lexical.enabled": on}),
+                              LocalRuntime(str(tmp_path / str(on)), num_to_keep=1, resume=False))
+                for on in (False, True)]
+    for trainer in trainers:
+        trainer.embed_s_per_row = 0.5
+    plain, lexical = trainers
+    assert lexical._end_passes_s() - plain._end_passes_s() == pytest.approx(
+        0.5 * (len(lexical.sampler.rows) + lexical.inputs.dataset.num_labels))
+

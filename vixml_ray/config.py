@@ -144,16 +144,17 @@ class LexicalConfig:
     """A sparse lexical head beside the dense model (:mod:`vixml_ray.model.lexical`): one linear classifier per label
     over the TF-IDF word n-grams of the query text (what the linear XMC models score), trained one-vs-rest at the end
     of training on each label's training queries against the training queries that the final model's top
-    ``negatives`` labels confuse with it (NGAME's shortlist classifiers), and added to the score of each query's
-    candidate labels (the index's top ``candidates``, plus the labels retrieval augmentation votes for):
-    ``score + weight * h(q, l)``. Labels with fewer than ``min_queries`` training queries, or that no other query is
-    confused with, get no classifier (h = -1, as a clear negative). Defaults chosen on validation rows of nameless
-    dnb (weight 0.05..0.3, negatives 16/32/300, min_queries 1/2)."""
+    ``negatives`` labels confuse with it (NGAME's shortlist classifiers) plus ``random_negatives`` uniformly drawn
+    ones, and added to the score of each query's candidate labels (the index's top ``candidates``, plus the labels
+    retrieval augmentation votes for): ``score + weight * h(q, l)``. Labels with fewer than ``min_queries`` training
+    queries get no classifier (h = -1, as a clear negative). Defaults chosen on validation rows of nameless dnb
+    (weight 0.05..0.5, negatives 16/32/64/300, random_negatives 0/64/128/256, c 0.5/1/2, min_queries 1/2)."""
 
     enabled: bool = False
-    weight: float = bounded(0.1, 0.0)  # of the head's decision value h(q, l) in the final score
+    weight: float = bounded(0.15, 0.0)  # of the head's decision value h(q, l) in the final score
     candidates: int = bounded(100, 1)  # the index's top labels per query that the head re-ranks
     negatives: int = bounded(32, 1)  # the final model's top labels per training query: who trains against whom
+    random_negatives: int = bounded(64, 0)  # uniformly drawn training queries each classifier also rejects
     min_queries: int = bounded(2, 1)
     ngram_max: int = bounded(2, 1, 3)  # word 1..ngram_max-grams
     min_df: int = bounded(1, 1)  # n-grams in fewer training queries are dropped

@@ -2,10 +2,11 @@
 
 One-vs-rest, as NGAME's second stage: label ``l``'s classifier (liblinear, squared hinge, ``C = model.lexical.c``)
 separates its training queries from the training queries whose top ``negatives`` labels under the final dense model
-contain ``l`` without it being theirs, over the n-grams those queries have (so ``w_l`` is sparse). The work is the
-shortlist's size (queries x negatives), not queries x labels: a label nobody confuses gets no classifier (h = -1,
-:data:`~vixml_ray.model.lexical.UNTRAINED`), as does one with fewer than ``min_queries`` training queries. Runs in
-the process that exports (rank 0).
+contain ``l`` without it being theirs (the hard negatives) and from ``random_negatives`` training queries drawn
+uniformly (which calibrate ``h`` across labels: a classifier that has only seen near-misses scores an unrelated
+query arbitrarily), over the n-grams those queries have (so ``w_l`` is sparse). The work is queries x (negatives +
+random_negatives), not queries x labels. A label with fewer than ``min_queries`` training queries gets no classifier
+(h = -1, :data:`~vixml_ray.model.lexical.UNTRAINED`). Runs in the process that exports (rank 0).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def fit_lexical(cfg: LexicalConfig, texts: list[str], labels: sp.csr_matrix, sho
     positives = sp.csc_matrix(labels, dtype=bool)
     confused = confusion_matrix(np.asarray(shortlist), num_labels)
     counts = np.diff(positives.indptr)
+    rng = np.random.default_rng(seed)
     rows_out, cols_out, data_out = [], [], []
     bias = np.zeros(num_labels, dtype=np.float32)
     trained = np.zeros(num_labels, dtype=bool)
@@ -59,7 +61,8 @@ def fit_lexical(cfg: LexicalConfig, texts: list[str], labels: sp.csr_matrix, sho
         warnings.simplefilter("ignore", ConvergenceWarning)
         for label in tqdm(candidates, desc="lexical head", unit="label", disable=not progress):
             pos = positives.indices[positives.indptr[label]:positives.indptr[label + 1]]
-            neg = np.setdiff1d(confused.indices[confused.indptr[label]:confused.indptr[label + 1]], pos,
+            hard = confused.indices[confused.indptr[label]:confused.indptr[label + 1]]
+            neg = np.setdiff1d(np.union1d(hard, rng.integers(0, len(texts), cfg.random_negatives)), pos,
                                assume_unique=True)
             if not len(neg):
                 continue

@@ -243,10 +243,13 @@ class Trainer:
             else 0.0
 
     def _end_passes_s(self) -> float:
-        """Predicted seconds of what follows the last step before the test: the last validation and, with
-        prototypes or classifier vectors, the final pass over the training queries."""
-        final_pass = self.engine.embedder.prototypes is not None or self.final_stage
-        return self._validation_s() + (self._pass_s(len(self.sampler.rows)) if final_pass else 0.0)
+        """Predicted seconds of what follows the last step before the test: the last validation; with prototypes,
+        classifier vectors or the lexical head, the final pass over the training queries; with the lexical head, the
+        pass over the labels its shortlists are drawn from (its own fit, seconds, is not predicted)."""
+        lexical = self.cfg.model.lexical.enabled
+        final_pass = self.engine.embedder.prototypes is not None or self.final_stage or lexical
+        return (self._validation_s() + (self._pass_s(len(self.sampler.rows)) if final_pass else 0.0)
+                + (self._pass_s(self.inputs.dataset.num_labels) if lexical else 0.0))
 
     def _start_epoch_s(self, epoch: int) -> float:
         """Predicted seconds of :meth:`start_epoch` (0 when it embeds nothing): a pass over the training queries,
