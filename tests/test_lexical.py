@@ -4,7 +4,6 @@ retrieval augmentation), and a trained model carries it through the export into 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
