@@ -69,6 +69,25 @@ def test_random_negatives_teach_a_label_the_queries_nobody_confused_with_it() ->
     assert (again.weights != head.weights).nnz == 0 and np.array_equal(again.bias, head.bias)
 
 
+def test_pair_scores_of_a_popular_label_never_copy_its_row() -> None:
+    """A popular label's classifier spans most n-grams; scoring 45,000 pairs of it must look up each query's few
+    n-grams, not copy its 50,000-weight row per pair (2.25e9 entries overflow scipy's int32 row indexing, as
+    evaluating cooking did). Scores equal the dense product."""
+    from vixml_ray.model.lexical import LexicalHead
+
+    num_features, pairs = 50_000, 50_000
+    dense = np.zeros((2, num_features), dtype=np.float32)
+    dense[0] = np.random.default_rng(0).normal(size=num_features)
+    dense[1, 7] = 0.5
+    weights = sp.csr_matrix(dense)
+    head = LexicalHead(CFG, {f"t{i}": i for i in range(num_features)}, np.ones(num_features), weights,
+                       np.array([0.25, -0.5]), np.array([True, True]))
+    features = head.features(["t1 t7 t49999", "t7", "nothing known"])
+    rows, labels = np.arange(pairs) % 3, (np.arange(pairs) % 10 == 0).astype(np.int64)  # 45,000 pairs of label 0
+    expected = (features @ weights.T).toarray()[rows, labels] + head.bias[labels]
+    np.testing.assert_allclose(head.pair_scores(features, rows, labels), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_the_head_round_trips_through_its_files(tmp_path: Path) -> None:
     head = fit_lexical(CFG, TEXTS, _labels(), _shortlist(), seed=0)
     head.save(str(tmp_path))

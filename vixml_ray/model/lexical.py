@@ -53,6 +53,11 @@ class LexicalHead:
         self.vectorizer = make_vectorizer(cfg, vocabulary)
         self.vectorizer.idf_ = np.asarray(idf, dtype=np.float32)
         self.weights = sp.csr_matrix(weights, dtype=np.float32)
+        self.weights.sum_duplicates()  # canonical: sorted n-grams within each label's row
+        # each stored weight's (label, n-gram) as one sorted int64 key: a pair's score looks up the query's few
+        # n-grams in its label's row, never copying the row (popular labels have tens of thousands of n-grams)
+        self._keys = (np.repeat(np.arange(num_labels, dtype=np.int64), np.diff(self.weights.indptr)) * num_features
+                      + self.weights.indices)
         self.bias = np.where(trained, bias, 0.0).astype(np.float32)
         self.trained = np.asarray(trained, dtype=bool)
 
@@ -72,7 +77,13 @@ class LexicalHead:
             raise IndexError(f"label ids outside [0, {self.num_labels})")
         if not len(rows):
             return np.zeros(0)
-        dots = np.asarray(self.weights[labels].multiply(features[rows]).sum(axis=1), dtype=np.float64).ravel()
+        query = features[rows]  # the pairs' query n-grams (a query has a few), one row per pair
+        pair = np.repeat(np.arange(len(rows)), np.diff(query.indptr))
+        keys = labels[pair] * self.weights.shape[1] + query.indices
+        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        found = self._keys[at] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
+        products = np.where(found, self.weights.data[at] if len(self._keys) else 0.0, 0.0) * query.data
+        dots = np.bincount(pair, weights=products.astype(np.float64), minlength=len(rows))
         return np.where(self.trained[labels], dots + self.bias[labels], UNTRAINED)
 
     def save(self, directory: str) -> None:
