@@ -1,8 +1,8 @@
 """The Ray Serve application over real HTTP (httpx on 127.0.0.1): every endpoint; served top-k equal evaluate's with
-and without RAA (the RAA app's export also carries a lexical head, which the ingress applies); bad input gets its status and message; unsafe images and missing keys are refused; a refresh
-during a stream of requests fails none; a refused version keeps the old one serving; a pinned version holds until
-the user_config releases it; a killed shard replica fails no request with 2 per shard, and with 1 per shard gets
-503 at once until Serve has replaced it."""
+and without RAA (the RAA app's export also carries a lexical head, which the ingress applies); bad input gets its
+status and message; unsafe images and missing keys are refused; a refresh during a stream of requests fails none; a
+refused version keeps the old one serving; a pinned version holds until the user_config releases it; a killed shard
+replica fails no request with 2 per shard, and with 1 per shard gets 503 at once until Serve has replaced it."""
 
 from __future__ import annotations
 

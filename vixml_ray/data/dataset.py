@@ -117,9 +117,7 @@ class Dataset:
     def label_matrix(self, split: str, rows: Optional[np.ndarray] = None) -> sp.csr_matrix:
         """Ground truth as CSR [rows x num_labels] (values = ``target_rel``) of ``train`` or ``test``, optionally
         restricted to ``rows`` (in that order)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"label_matrix needs split 'train' or 'test', got {split!r}")
-        table = self.table(split, ["labels", "label_rels"])
+        table = self.table(_labelled_split(split, "label_matrix"), ["labels", "label_rels"])
         matrix = _label_rows(table.column("labels").combine_chunks(), table.column("label_rels").combine_chunks(),
                              self.num_labels)
         return matrix[np.asarray(rows)] if rows is not None else matrix
@@ -127,10 +125,8 @@ class Dataset:
     def label_counts(self, split: str) -> np.ndarray:
         """int64 [num_labels]: how many rows of ``train`` or ``test`` carry each label (a non-zero relevance, a
         repeated label once), streamed in record batches: the split's label matrix is never held whole."""
-        if split not in ("train", "test"):
-            raise ValueError(f"label_counts needs split 'train' or 'test', got {split!r}")
         counts = np.zeros(self.num_labels, dtype=np.int64)
-        for batch in self.iter_batches(split, ["labels", "label_rels"]):
+        for batch in self.iter_batches(_labelled_split(split, "label_counts"), ["labels", "label_rels"]):
             rows = _label_rows(batch.column(0), batch.column(1), self.num_labels).copy()  # arrow memory is read-only
             rows.sum_duplicates()
             rows.eliminate_zeros()
@@ -169,6 +165,12 @@ def open_dataset(uri: str) -> Dataset:
 def _check_split(split: str) -> str:
     if split not in schema.SPLIT_FILES:
         raise ValueError(f"unknown split {split!r} (splits: {', '.join(schema.SPLIT_FILES)})")
+    return split
+
+
+def _labelled_split(split: str, caller: str) -> str:
+    if split not in ("train", "test"):
+        raise ValueError(f"{caller} needs split 'train' or 'test', got {split!r}")
     return split
 
 

@@ -44,7 +44,7 @@ def inverse_propensity(train_labels: sp.csr_matrix, a: float = 0.55, b: float = 
 def inverse_propensity_of_counts(counts: np.ndarray, num_points: int, a: float = 0.55, b: float = 1.5) -> np.ndarray:
     """:func:`inverse_propensity` from the training label ``counts`` and the number of training points."""
     if num_points == 0:
-        raise ValueError("train_labels has no rows: propensities need training label counts")
+        raise ValueError("no training points: propensities need training label counts")
     c = (np.log(num_points) - 1.0) * (b + 1.0) ** a
     return 1.0 + c * (np.asarray(counts, dtype=np.float64) + b) ** -a
 

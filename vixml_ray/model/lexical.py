@@ -55,9 +55,11 @@ class LexicalHead:
         self.weights = sp.csr_matrix(weights, dtype=np.float32)
         self.weights.sum_duplicates()  # canonical: sorted n-grams within each label's row
         # each stored weight's (label, n-gram) as one sorted int64 key: a pair's score looks up the query's few
-        # n-grams in its label's row, never copying the row (popular labels have tens of thousands of n-grams)
-        self._keys = (np.repeat(np.arange(num_labels, dtype=np.int64), np.diff(self.weights.indptr)) * num_features
-                      + self.weights.indices)
+        # n-grams in its label's row, never copying the row (popular labels have tens of thousands of n-grams); a
+        # last key above every real one (value 0) is where a search for an absent pair may land
+        self._keys = np.append(np.repeat(np.arange(num_labels, dtype=np.int64), np.diff(self.weights.indptr))
+                               * num_features + self.weights.indices, np.iinfo(np.int64).max)
+        self._values = np.append(self.weights.data, np.float32(0.0))
         self.bias = np.where(trained, bias, 0.0).astype(np.float32)
         self.trained = np.asarray(trained, dtype=bool)
 
@@ -80,9 +82,8 @@ class LexicalHead:
         query = features[rows]  # the pairs' query n-grams (a query has a few), one row per pair
         pair = np.repeat(np.arange(len(rows)), np.diff(query.indptr))
         keys = labels[pair] * self.weights.shape[1] + query.indices
-        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        found = self._keys[at] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
-        products = np.where(found, self.weights.data[at] if len(self._keys) else 0.0, 0.0) * query.data
+        at = np.searchsorted(self._keys, keys)
+        products = np.where(self._keys[at] == keys, self._values[at], 0.0) * query.data
         dots = np.bincount(pair, weights=products.astype(np.float64), minlength=len(rows))
         return np.where(self.trained[labels], dots + self.bias[labels], UNTRAINED)
 
